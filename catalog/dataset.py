@@ -1,0 +1,764 @@
+"""`Dataset`: the Python API, shaped like `clearml.Dataset`.
+
+A Dataset is either a draft (in the local workspace, changeable) or a final version (in the
+repository, immutable but for tags, description, metadata and state). Building a version
+is create -> add_files / remove_files / sync_folder -> upload -> finalize; the CLI is a thin
+shell over these methods. Whole-repository operations (compare, squash, verify, delete,
+gc, listing) live in strata.catalog.ops and are re-exported here as class methods.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from strata.catalog import blobs, config, layout, paths
+from strata.catalog import draft as drafts
+from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, SourceMissing,
+                                   UnknownVersion, WrongState)
+from strata.catalog.manifest import DirEntry, Entry
+from strata.catalog.merge import MergedView, merge_parents, merged
+from strata.catalog.progress import NO_PROGRESS, Progress
+from strata.catalog.records import VersionRecord, bump_patch, check_label, highest
+from strata.catalog.repo import Repository
+from strata.storage.errors import PreconditionFailed
+
+HASH_WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A local file system object about to be staged at dataset path `path`."""
+    path: str
+    source: str
+    kind: str          # 'f' file, 'l' symlink, 'd' empty directory
+    size: int
+    mode: int
+    mtime_ns: int
+    target: str | None = None
+
+
+_repos: dict[str, Repository] = {}
+
+
+def open_repo(repo: str | Repository | None = None, *, create: bool = False) -> Repository:
+    if isinstance(repo, Repository):
+        return repo
+    url = config.load(repo).repo
+    key = f"{url}|{config.load(repo).cache_dir}"
+    if key not in _repos:
+        _repos[key] = Repository.open(url, create=create)
+    return _repos[key]
+
+
+class Dataset:
+    def __init__(self, repo: Repository, *, record: VersionRecord | None = None,
+                 draft: drafts.Draft | None = None):
+        self.repo = repo
+        self._record = record
+        self._draft = draft
+        self._view: MergedView | None = None
+        self._parent_view: MergedView | None = None
+
+    # ---- identity ------------------------------------------------------------------
+    @property
+    def id(self) -> str:
+        return self._record.id if self._record else self._draft.id
+
+    def _field(self, name: str, default: Any = None) -> Any:
+        if self._record:
+            return getattr(self._record, name)
+        return self._draft.get(name, default)
+
+    @property
+    def project(self) -> str:
+        return self._field("project")
+
+    @property
+    def name(self) -> str:
+        return self._field("name")
+
+    @property
+    def version(self) -> str:
+        return self._field("version")
+
+    @property
+    def parents(self) -> list[str]:
+        return list(self._field("parents", []))
+
+    parent_datasets = parents
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self._field("tags", []))
+
+    @property
+    def description(self) -> str:
+        return self._field("description", "")
+
+    @property
+    def state(self) -> str:
+        return self._record.state if self._record else "draft"
+
+    @property
+    def record(self) -> VersionRecord | None:
+        return self._record
+
+    def is_final(self) -> bool:
+        return self._record is not None
+
+    def __repr__(self) -> str:
+        return f"<Dataset {self.project}/{self.name} {self.version} {self.id} {self.state}>"
+
+    # ---- create / get --------------------------------------------------------------
+    @classmethod
+    def create(cls, dataset_name: str, dataset_project: str,
+               parent_datasets: Sequence[str | "Dataset"] | None = None,
+               dataset_version: str | None = None, dataset_tags: Sequence[str] | None = None,
+               description: str | None = None, repo: str | Repository | None = None,
+               metadata: dict | None = None) -> "Dataset":
+        if not dataset_name or not dataset_project:
+            raise BadArgument("a dataset needs a project and a name")
+        r = open_repo(repo, create=True)
+        parents = []
+        for p in parent_datasets or ():
+            pid = p.id if isinstance(p, Dataset) else str(p)
+            rec = r.try_record(pid)
+            if rec is None:
+                if layout.is_version_id(pid) and drafts.exists(pid):
+                    raise WrongState(f"parent {pid} is not final; close it first "
+                                     f"(strata close --id {pid})")
+                raise UnknownVersion(f"no version {pid} in {r.url}")
+            parents.append(rec.id)
+        labels = r.labels(dataset_project, dataset_name)
+        if dataset_version:
+            check_label(dataset_version)
+            if dataset_version in labels:
+                raise LabelTaken(f"{dataset_project}/{dataset_name} already has version "
+                                 f"{dataset_version} ({labels[dataset_version]})")
+            label, explicit = dataset_version, True
+        else:
+            top = highest(labels)
+            label, explicit = (bump_patch(top) if top else "1.0.0"), False
+        if metadata is not None:
+            _check_json(metadata)
+        vid = uuid.uuid4().hex
+        d = drafts.new_draft(vid, repo=r.url, project=dataset_project, name=dataset_name,
+                             version=label, version_explicit=explicit, parents=parents,
+                             tags=list(dataset_tags or ()), description=description or "",
+                             metadata=metadata or {}, user=_user())
+        config.remember_last(r.url, vid)
+        return cls(r, draft=d)
+
+    @classmethod
+    def get(cls, dataset_id: str | None = None, dataset_project: str | None = None,
+            dataset_name: str | None = None, dataset_version: str | None = None,
+            only_completed: bool = False, only_published: bool = False,
+            repo: str | Repository | None = None) -> "Dataset":
+        r = open_repo(repo)
+        if dataset_id:
+            rec = r.try_record(dataset_id)
+            if rec is not None:
+                _check_state(rec, only_completed, only_published)
+                return cls(r, record=rec)
+            if layout.is_version_id(dataset_id) and drafts.exists(dataset_id):
+                d = drafts.Draft(dataset_id)
+                if d.get("repo") == r.url:
+                    if only_completed or only_published:
+                        raise WrongState(f"version {dataset_id} is a draft, not final")
+                    return cls(r, draft=d)
+                d.close()
+            raise UnknownVersion(f"no version {dataset_id} in {r.url}")
+        if not (dataset_project and dataset_name):
+            raise BadArgument("give a version id, or a project and a name")
+        labels = r.labels(dataset_project, dataset_name)
+        if dataset_version:
+            vid = labels.get(dataset_version)
+            if vid is None:
+                raise UnknownVersion(f"{dataset_project}/{dataset_name} has no version "
+                                     f"{dataset_version} in {r.url}")
+            return cls.get(vid, only_completed=only_completed,
+                           only_published=only_published, repo=r)
+        from strata.catalog.records import semver_key
+        for label in sorted(labels, key=semver_key, reverse=True):
+            rec = r.try_record(labels[label])
+            if rec is None or rec.state == "archived":
+                continue
+            if only_published and rec.state != "published":
+                continue
+            return cls(r, record=rec)
+        if not (only_completed or only_published):
+            for d in _local_drafts(r.url, dataset_project, dataset_name):
+                return cls(r, draft=d)
+        what = "published " if only_published else ""
+        raise UnknownVersion(f"no {what}version of {dataset_project}/{dataset_name} "
+                             f"in {r.url}")
+
+    # ---- views ---------------------------------------------------------------------
+    def parent_view(self) -> MergedView:
+        if self._parent_view is None:
+            self._parent_view = merge_parents(self.repo, self.parents)
+        return self._parent_view
+
+    def view(self) -> MergedView:
+        """The merged tree of this version (for a draft: parents plus pending changes)."""
+        if self._view is None:
+            if self._record:
+                self._view = merged(self.repo, self.id)
+            else:
+                v = self.parent_view().copy()
+                v.apply(self._draft.removed(), self._draft.entries(), self._draft.dirs())
+                self._view = v
+        return self._view
+
+    def _changed(self) -> None:
+        self._view = None
+
+    def _require_draft(self, action: str) -> drafts.Draft:
+        if self._draft is None:
+            raise WrongState(
+                f"version {self.id} ({self.project}/{self.name} {self.version}) is "
+                f"{self.state}; cannot {action}. Create a child version to change it: "
+                f"strata create --project {_q(self.project)} --name {_q(self.name)} "
+                f"--parents {self.id}")
+        return self._draft
+
+    # ---- changing a draft ----------------------------------------------------------
+    def add_files(self, path: str | os.PathLike, wildcard: str | Sequence[str] | None = None,
+                  dataset_path: str | None = None, recursive: bool = True,
+                  verbose: bool = False, progress: Progress = NO_PROGRESS) -> int:
+        """Stage a file or a folder's files. Returns how many files were added or changed."""
+        d = self._require_draft("add files")
+        prefix = paths.clean(dataset_path or "", allow_root=True, what="dataset_path")
+        cands = collect(str(path), prefix, recursive=recursive, wildcard=wildcard)
+        added, modified = self._stage(d, cands, progress)
+        return added + modified
+
+    def add_external_files(self, source_url: str | Sequence[str],
+                           wildcard: str | Sequence[str] | None = None,
+                           dataset_path: str | None = None, recursive: bool = True,
+                           verbose: bool = False) -> int:
+        from strata.catalog.external import list_external
+        d = self._require_draft("add files")
+        prefix = paths.clean(dataset_path or "", allow_root=True, what="dataset_path")
+        urls = [source_url] if isinstance(source_url, str) else list(source_url)
+        patterns = _patterns(wildcard)
+        rows = []
+        now = time.time_ns()
+        for url in urls:
+            for link, rel, size in list_external(url):
+                rel = paths.clean(rel, what=f"name from {url}")
+                if not recursive and "/" in rel:
+                    continue
+                if patterns and not any(paths.matches(rel, p, recursive=True) for p in patterns):
+                    continue
+                rows.append((paths.join(prefix, rel), "x", None, size, None, 0o444, now,
+                             None, link, None, 0, 1))
+        d.stage(rows)
+        self._changed()
+        return len(rows)
+
+    def remove_files(self, dataset_path: str, recursive: bool = True,
+                     verbose: bool = False) -> int:
+        """Remove files by path, wildcard, folder (with or without a trailing '/') or
+        external link URL. Returns how many files were removed."""
+        d = self._require_draft("remove files")
+        view = self.view()
+        raw = dataset_path
+        if "://" in raw:
+            hits = [p for p, e in view.files.items() if e.kind == "x" and e.target == raw]
+            folder = None
+        else:
+            pattern = paths.clean(raw, what="path to remove")
+            folder = pattern if (not paths.has_magic(pattern)
+                                 and pattern not in view.files
+                                 and pattern in view.all_dirs()) else None
+            if folder is not None:
+                hits = [p for p in view.files if paths.is_under(p, folder)]
+            elif paths.has_magic(pattern):
+                hits = [p for p in view.files if paths.matches(p, pattern, recursive=recursive)]
+            else:
+                hits = [pattern] if pattern in view.files else []
+        if not hits and folder is None:
+            raise NothingMatched(f"nothing in {self.project}/{self.name} {self.version} "
+                                 f"matches {raw!r}")
+        parent = self.parent_view()
+        if folder is not None:
+            d.unstage_under(folder)
+            if any(paths.is_under(p, folder) for p in parent.files) or \
+                    any(paths.is_under(p, folder) for p in parent.dirs):
+                d.remove([folder])
+        else:
+            d.unstage(hits)
+            in_parents = [p for p in hits if p in parent.files]
+            d.remove(in_parents)
+        self._changed()
+        return len(hits)
+
+    def sync_folder(self, local_path: str | os.PathLike, dataset_path: str | None = None,
+                    verbose: bool = False,
+                    progress: Progress = NO_PROGRESS) -> tuple[int, int, int]:
+        """Make the version's folder `dataset_path` mirror `local_path`.
+        Returns (removed, added, modified)."""
+        d = self._require_draft("sync")
+        prefix = paths.clean(dataset_path or "", allow_root=True, what="dataset_path")
+        cands = collect(str(local_path), prefix, recursive=True, wildcard=None,
+                        as_folder=True)
+        present = {c.path for c in cands}
+        view = self.view()
+        gone = [p for p in view.files if paths.is_under(p, prefix) and p not in present]
+        gone_dirs = [p for p in view.dirs if paths.is_under(p, prefix) and p not in present
+                     and not any(paths.is_under(q, p) for q in present)]
+        parent = self.parent_view()
+        d.unstage(gone)
+        d.remove([p for p in gone + gone_dirs if p in parent.files or p in parent.dirs])
+        with d.db:
+            d.db.executemany("DELETE FROM dirs WHERE path=?", [(p,) for p in gone_dirs])
+        self._changed()
+        added, modified = self._stage(d, cands, progress)
+        return len(gone), added, modified
+
+    def _stage(self, d: drafts.Draft, cands: list[Candidate],
+               progress: Progress) -> tuple[int, int]:
+        view = self.view()
+        parent = self.parent_view()
+        staged = {e.path: e for e in d.entries()}
+        hidden = set(d.removed())
+        rows, dirs, to_hash = [], [], []
+        added = modified = 0
+        for c in cands:
+            if c.kind == "d":
+                if c.path not in view.all_dirs():
+                    dirs.append((c.path, c.mode, c.mtime_ns))
+                continue
+            if c.kind == "l":
+                cur = view.files.get(c.path)
+                if cur and cur.kind == "l" and cur.target == c.target:
+                    continue
+                rows.append((c.path, "l", None, len(c.target.encode()), None, c.mode,
+                             c.mtime_ns, None, c.target, None, 0, 1))
+                added, modified = (added + 1, modified) if cur is None else (added, modified + 1)
+                continue
+            cur = view.files.get(c.path)
+            if (cur is not None and cur.kind == "f" and cur.size == c.size
+                    and cur.mtime_ns == c.mtime_ns and cur.mode == c.mode):
+                continue  # the mtime+size shortcut: unchanged, not rehashed
+            to_hash.append(c)
+        progress.start("hashing", sum(c.size for c in to_hash))
+        chunk = self.repo.chunk_size
+
+        def digest(c: Candidate):
+            try:
+                h = blobs.hash_file(c.source, chunk)
+            except FileNotFoundError:
+                raise SourceMissing(f"{c.source} vanished while it was being added") from None
+            progress.advance(h.size)
+            return c, h
+
+        with ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="strata-hash") as pool:
+            for c, h in pool.map(digest, to_hash):
+                cur = view.files.get(c.path)
+                pe = parent.files.get(c.path)
+                if (pe is not None and pe.kind == "f" and pe.sha256 == h.sha256
+                        and pe.mode == c.mode and not _hidden(c.path, hidden)):
+                    if c.path in staged:  # back to the parent's content: no change
+                        d.unstage([c.path])
+                    continue
+                if cur is not None and cur.kind == "f" and cur.sha256 == h.sha256 \
+                        and cur.mode == c.mode and c.path in staged:
+                    continue
+                rows.append((c.path, "f", c.source, h.size, h.sha256, c.mode, c.mtime_ns,
+                             h.chunks, None, None, 0, 0))
+                if pe is None or _hidden(c.path, hidden):
+                    added += 1
+                else:
+                    modified += 1
+        progress.done()
+        d.stage(rows)
+        if dirs:
+            d.add_dirs(dirs)
+        self._changed()
+        return added, modified
+
+    # ---- upload / finalize ---------------------------------------------------------
+    def upload(self, show_progress: bool = True, verbose: bool = False,
+               progress: Progress = NO_PROGRESS) -> int:
+        """Store the draft's new bytes as blobs. Resumable: what is stored is recorded.
+        Returns the number of bytes written."""
+        d = self._require_draft("upload")
+        todo = d.unplaced()
+        if not todo:
+            return 0
+        dedup: dict[str, tuple[str, int]] = {}
+        for e in self.parent_view().files.values():
+            if e.pack and e.sha256:
+                dedup.setdefault(e.sha256, (e.pack, e.offset))
+        for e in d.entries():
+            if e.pack and e.sha256:
+                dedup.setdefault(e.sha256, (e.pack, e.offset))
+        progress.start("uploading", sum(s.size for s in todo))
+        try:
+            written = blobs.upload(self.repo, todo, dedup=dedup, on_placed=d.place,
+                                   progress=progress)
+        finally:
+            progress.done()
+        d.set(uploaded_bytes=d.get("uploaded_bytes", 0) + written)
+        return written
+
+    def finalize(self, verbose: bool = False, raise_on_error: bool = True,
+                 auto_upload: bool = False, progress: Progress = NO_PROGRESS) -> bool:
+        """Make the draft a final version: manifest, label, record (DESIGN.md lifecycle)."""
+        d = self._require_draft("finalize")
+        existing = self.repo.try_record(self.id)
+        if existing is None:
+            if d.unplaced_count():
+                if not auto_upload:
+                    raise WrongState(f"version {self.id} has files not uploaded yet; run "
+                                     f"'strata upload --id {self.id}' or close without "
+                                     "--disable-upload")
+                self.upload(progress=progress)
+            existing = self._publish_record(d)
+        d.destroy()
+        self._draft = None
+        self._record = existing
+        self._changed()
+        config.remember_last(self.repo.url, self.id)
+        return True
+
+    def _publish_record(self, d: drafts.Draft) -> VersionRecord:
+        from strata.catalog import manifest as manifest_mod
+        f = d.fields
+        local = str(d.path) + ".manifest"
+        entries = list(d.entries())
+        manifest_mod.write(local, self.id, entries, d.removed(), d.dirs())
+        sha = self.repo.put_manifest(self.id, local)
+        os.unlink(local)
+        parent = self.parent_view()
+        view = self.view()
+        added = sum(1 for e in entries if e.path not in parent.files)
+        modified = sum(1 for e in entries if e.path in parent.files)
+        removed = sum(1 for p in parent.files if p not in view.files)
+        label = f["version"]
+        while not self.repo.claim_label(f["project"], f["name"], label, self.id):
+            if f.get("version_explicit") and label == f["version"]:
+                pass  # an explicit label lost a race: take the next patch, as DESIGN says
+            label = bump_patch(label)
+        rec = VersionRecord(
+            id=self.id, project=f["project"], name=f["name"], version=label,
+            parents=tuple(f.get("parents", ())), state="final", tags=tuple(f.get("tags", ())),
+            description=f.get("description", ""), metadata=f.get("metadata", {}),
+            created=f.get("created", time.time()), user=f.get("user", ""),
+            manifest_sha256=sha, files=len(view.files),
+            size=sum(e.size for e in view.files.values()), added=added, modified=modified,
+            removed=removed, uploaded_bytes=f.get("uploaded_bytes", 0))
+        try:
+            self.repo.create_record(rec)
+        except PreconditionFailed:
+            rec = self.repo.record(self.id)
+        return rec
+
+    # ---- state and mutable fields -------------------------------------------------
+    def publish(self) -> None:
+        if self._draft is not None:
+            raise WrongState(f"version {self.id} is a draft; close it before publishing")
+
+        def change(r: VersionRecord) -> VersionRecord:
+            if r.state == "archived":
+                raise WrongState(f"version {r.id} is archived")
+            return r.evolve(state="published")
+        self._record = self.repo.update_record(self.id, change)
+
+    def _update(self, draft_fields: dict, change) -> None:
+        if self._draft is not None:
+            self._draft.set(**draft_fields)
+        else:
+            self._record = self.repo.update_record(self.id, change)
+
+    def add_tags(self, tags: Sequence[str]) -> None:
+        new = [t for t in tags]
+        merged_tags = list(dict.fromkeys(self.tags + new))
+        self._update({"tags": merged_tags},
+                     lambda r: r.evolve(tags=tuple(dict.fromkeys(r.tags + tuple(new)))))
+
+    def remove_tags(self, tags: Sequence[str]) -> None:
+        drop = set(tags)
+        self._update({"tags": [t for t in self.tags if t not in drop]},
+                     lambda r: r.evolve(tags=tuple(t for t in r.tags if t not in drop)))
+
+    def set_description(self, description: str) -> None:
+        self._update({"description": description},
+                     lambda r: r.evolve(description=description))
+
+    def set_metadata(self, metadata: dict, replace: bool = True) -> None:
+        _check_json(metadata)
+        if self._draft is not None:
+            cur = {} if replace else dict(self._draft.get("metadata", {}))
+            cur.update(metadata)
+            self._draft.set(metadata=cur)
+            return
+
+        def change(r: VersionRecord) -> VersionRecord:
+            cur = {} if replace else dict(r.metadata)
+            cur.update(metadata)
+            return r.evolve(metadata=cur)
+        self._record = self.repo.update_record(self.id, change)
+
+    def get_metadata(self) -> dict:
+        return dict(self._field("metadata", {}) or {})
+
+    # ---- listing -------------------------------------------------------------------
+    def list_files(self, dataset_path: str | None = None, recursive: bool = True,
+                   dataset_id: str | None = None) -> list[str]:
+        ds = self if dataset_id in (None, self.id) else Dataset.get(dataset_id, repo=self.repo)
+        view = ds.view()
+        if not dataset_path:
+            return sorted(view.files)
+        pattern = paths.clean(dataset_path, allow_root=True)
+        if not paths.has_magic(pattern):
+            return sorted(p for p in view.files if paths.is_under(p, pattern))
+        return sorted(p for p in view.files if paths.matches(p, pattern, recursive=recursive))
+
+    def changes(self) -> tuple[list[str], list[str], list[str]]:
+        """(added, modified, removed) paths relative to the merged parents."""
+        parent = self.parent_view()
+        view = self.view()
+        own = self._own_paths()
+        added = sorted(p for p in own if p in view.files and p not in parent.files)
+        modified = sorted(p for p in own if p in view.files and p in parent.files
+                          and not view.files[p].same_content(parent.files[p]))
+        removed = sorted(p for p in parent.files if p not in view.files)
+        return added, modified, removed
+
+    def _own_paths(self) -> list[str]:
+        if self._draft is not None:
+            return [e.path for e in self._draft.entries()]
+        m = self.repo.manifest(self.id, self._record.manifest_sha256)
+        return [e.path for e in m.files()]
+
+    def list_added_files(self, dataset_id: str | None = None) -> list[str]:
+        return self._other(dataset_id).changes()[0]
+
+    def list_modified_files(self, dataset_id: str | None = None) -> list[str]:
+        return self._other(dataset_id).changes()[1]
+
+    def list_removed_files(self, dataset_id: str | None = None) -> list[str]:
+        return self._other(dataset_id).changes()[2]
+
+    def _other(self, dataset_id: str | None) -> "Dataset":
+        return self if dataset_id in (None, self.id) else Dataset.get(dataset_id, repo=self.repo)
+
+    def get_dependency_graph(self) -> dict[str, list[str]]:
+        from strata.catalog.merge import ancestry
+        if self._record:
+            return {k: list(v) for k, v in ancestry(self.repo, self.id).items()}
+        graph = {self.id: self.parents}
+        for p in self.parents:
+            graph.update({k: list(v) for k, v in ancestry(self.repo, p).items()})
+        return graph
+
+    def summary(self) -> dict[str, Any]:
+        """The version's fields as a JSON-able dict (what `--json` prints)."""
+        out = {"id": self.id, "project": self.project, "name": self.name,
+               "version": self.version, "state": self.state, "parents": self.parents,
+               "tags": self.tags, "description": self.description}
+        if self._record:
+            r = self._record
+            out.update(created=r.created, user=r.user, files=r.files, size=r.size,
+                       added=r.added, modified=r.modified, removed=r.removed,
+                       metadata=r.metadata)
+        return out
+
+    # ---- copies, verify (strata.catalog.materialize / ops) --------------------------
+    def get_local_copy(self, part: int | None = None, num_parts: int | None = None,
+                       progress: Progress = NO_PROGRESS, **_ignored) -> str:
+        from strata.catalog.materialize import local_copy
+        return local_copy(self, part=part, num_parts=num_parts, progress=progress)
+
+    def get_mutable_local_copy(self, target_folder: str | os.PathLike, overwrite: bool = False,
+                               part: int | None = None, num_parts: int | None = None,
+                               progress: Progress = NO_PROGRESS, **_ignored) -> str:
+        from strata.catalog.materialize import mutable_copy
+        return mutable_copy(self, str(target_folder), overwrite=overwrite, part=part,
+                            num_parts=num_parts, progress=progress)
+
+    def verify_dataset_hash(self, local_copy_path: str | None = None, skip_hash: bool = False,
+                            verbose: bool = False, progress: Progress = NO_PROGRESS) -> list[str]:
+        from strata.catalog.ops import verify
+        return verify(self, local_copy_path=local_copy_path, skip_hash=skip_hash,
+                      progress=progress)
+
+    # ---- whole-repository operations ------------------------------------------------
+    @classmethod
+    def squash(cls, dataset_name: str, dataset_ids: Sequence[str] | None = None,
+               dataset_project_name_pairs: Sequence[tuple[str, str]] | None = None,
+               dataset_project: str | None = None, dataset_version: str | None = None,
+               repo: str | Repository | None = None) -> "Dataset":
+        from strata.catalog.ops import squash
+        return squash(dataset_name, dataset_ids, dataset_project_name_pairs,
+                      dataset_project=dataset_project, dataset_version=dataset_version,
+                      repo=repo)
+
+    @classmethod
+    def list_datasets(cls, dataset_project: str | None = None, partial_name: str | None = None,
+                      tags: Sequence[str] | None = None, ids: Sequence[str] | None = None,
+                      only_completed: bool = True, repo: str | Repository | None = None,
+                      **_ignored) -> list[dict]:
+        from strata.catalog.ops import list_datasets
+        return list_datasets(dataset_project, partial_name, tags, ids,
+                             only_completed=only_completed, repo=repo)
+
+    @classmethod
+    def delete(cls, dataset_id: str | None = None, dataset_project: str | None = None,
+               dataset_name: str | None = None, force: bool = False,
+               dataset_version: str | None = None, entire_dataset: bool = False,
+               repo: str | Repository | None = None) -> list[str]:
+        from strata.catalog.ops import delete
+        return delete(dataset_id, dataset_project, dataset_name, force=force,
+                      dataset_version=dataset_version, entire_dataset=entire_dataset,
+                      repo=repo)
+
+    def mount(self, path: str | os.PathLike, writable: bool = False, **options):
+        raise NotImplementedError("mounting comes with strata.vfs")
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _q(s: str) -> str:
+    import shlex
+    return shlex.quote(s)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return ""
+
+
+def _check_json(value: Any) -> None:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise BadArgument(f"metadata must be JSON-serialisable: {e}") from None
+
+
+def _check_state(rec: VersionRecord, only_completed: bool, only_published: bool) -> None:
+    if only_published and rec.state != "published":
+        raise WrongState(f"version {rec.id} is {rec.state}, not published")
+    if only_completed and not rec.completed:
+        raise WrongState(f"version {rec.id} is {rec.state}, not completed")
+
+
+def _hidden(path: str, removed: set[str]) -> bool:
+    return bool(removed) and (path in removed or any(a in removed for a in paths.ancestors(path)))
+
+
+def _patterns(wildcard) -> list[str]:
+    if not wildcard:
+        return []
+    return [wildcard] if isinstance(wildcard, str) else list(wildcard)
+
+
+def _local_drafts(repo_url: str, project: str, name: str) -> Iterable[drafts.Draft]:
+    folder = drafts.drafts_dir()
+    if not folder.exists():
+        return []
+    found = []
+    for p in folder.glob("*.db"):
+        vid = p.stem
+        if not layout.is_version_id(vid):
+            continue
+        d = drafts.Draft(vid)
+        if (d.get("repo"), d.get("project"), d.get("name")) == (repo_url, project, name):
+            found.append((d.get("created", 0), d))
+        else:
+            d.close()
+    found.sort(key=lambda t: t[0], reverse=True)
+    return [d for _, d in found]
+
+
+def collect(source: str, prefix: str, *, recursive: bool, wildcard,
+            as_folder: bool = False) -> list[Candidate]:
+    """What `add_files(source)` would stage: files, symlinks and empty folders, with their
+    dataset paths. A symlink is kept as a symlink when its target is relative and stays
+    inside the folder being added (rsync's notion of a safe link); others are followed."""
+    src = os.path.abspath(source)
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:
+        raise SourceMissing(f"{source} does not exist") from None
+    except PermissionError:
+        raise SourceMissing(f"{source} cannot be read (permission denied)") from None
+    patterns = _patterns(wildcard)
+    out: list[Candidate] = []
+    if not os.path.isdir(src):
+        if as_folder:
+            raise SourceMissing(f"{source} is not a folder")
+        rel = paths.clean(os.path.basename(src), what="file name")
+        out.append(_candidate(paths.join(prefix, rel), src, st))
+        return out
+    root = src
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+        names = sorted(filenames)
+        # os.walk lists symlinks to folders among dirnames; treat them like file entries
+        for dn in list(dirnames):
+            if os.path.islink(os.path.join(dirpath, dn)):
+                dirnames.remove(dn)
+                names.append(dn)
+        kept_any = False
+        for fn in sorted(names):
+            full = os.path.join(dirpath, fn)
+            rel = paths.join(rel_dir, fn)
+            if patterns and not any(paths.matches(rel, p, recursive=recursive)
+                                    for p in patterns):
+                continue
+            c = _walk_entry(full, rel, root, prefix)
+            if c is not None:
+                out.append(c)
+                kept_any = True
+        if not dirnames and not filenames and rel_dir and not patterns:
+            dst = os.lstat(dirpath)
+            out.append(Candidate(paths.join(prefix, rel_dir), dirpath, "d", 0,
+                                 dst.st_mode & 0o7777, dst.st_mtime_ns))
+        if not recursive:
+            dirnames.clear()
+        del kept_any
+    return out
+
+
+def _walk_entry(full: str, rel: str, root: str, prefix: str) -> Candidate | None:
+    dest = paths.join(prefix, paths.clean(rel, what="file name"))
+    try:
+        lst = os.lstat(full)
+    except FileNotFoundError:
+        return None
+    if os.path.islink(full):
+        target = os.readlink(full)
+        inside = (not os.path.isabs(target)
+                  and os.path.realpath(os.path.join(os.path.dirname(full), target))
+                  .startswith(os.path.realpath(root) + os.sep))
+        if inside:
+            return Candidate(dest, full, "l", 0, 0o777, lst.st_mtime_ns, target)
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            return None  # dangling link pointing outside: nothing to store
+        if os.path.isdir(full):
+            return None
+        return _candidate(dest, full, st)
+    if not os.path.isfile(full):
+        return None  # sockets, fifos, devices
+    return _candidate(dest, full, lst)
+
+
+def _candidate(dest: str, src: str, st: os.stat_result) -> Candidate:
+    return Candidate(dest, src, "f", st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)

@@ -1,0 +1,159 @@
+"""Drafts: a version being built, kept in the local workspace until it is finalized.
+
+A draft is a small SQLite file (workspace/drafts/<id>.db) holding the version's fields,
+the entries added (with the local file each came from and, once uploaded, where its bytes
+now live), the paths removed and the directories added. Nothing in the repository refers
+to a draft, so a half-built version is never visible to readers; an interrupted upload
+resumes from what the draft has recorded as placed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from strata.catalog import config
+from strata.catalog.blobs import Placed, Staged
+from strata.catalog.errors import UnknownVersion
+from strata.catalog.manifest import DirEntry, Entry
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries(
+    path TEXT PRIMARY KEY, kind TEXT NOT NULL, source TEXT, size INTEGER NOT NULL,
+    sha256 TEXT, mode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, chunks BLOB, target TEXT,
+    pack TEXT, offset INTEGER NOT NULL DEFAULT 0, placed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS removed(path TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS dirs(path TEXT PRIMARY KEY, mode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL);
+"""
+
+
+def drafts_dir() -> Path:
+    return config.workspace_dir() / "drafts"
+
+
+def draft_path(version_id: str) -> Path:
+    return drafts_dir() / f"{version_id}.db"
+
+
+def exists(version_id: str) -> bool:
+    return draft_path(version_id).exists()
+
+
+class Draft:
+    def __init__(self, version_id: str, *, create: bool = False):
+        path = draft_path(version_id)
+        if not create and not path.exists():
+            raise UnknownVersion(f"no draft {version_id} in this workspace")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.id = version_id
+        self.path = path
+        self.db = sqlite3.connect(str(path), timeout=30)
+        self.db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
+
+    # ---- fields --------------------------------------------------------------------
+    def get(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set(self, **fields: Any) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                [(k, json.dumps(v)) for k, v in fields.items()])
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+
+    # ---- change-set ----------------------------------------------------------------
+    def stage(self, rows: list[tuple]) -> None:
+        """rows: (path, kind, source, size, sha256, mode, mtime_ns, chunks, target,
+        pack, offset, placed). Replaces earlier entries at the same paths and un-removes
+        the paths themselves."""
+        with self.db:
+            self.db.executemany(
+                "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+            self.db.executemany("DELETE FROM removed WHERE path=?", [(r[0],) for r in rows])
+
+    def unstage(self, paths: list[str]) -> None:
+        with self.db:
+            self.db.executemany("DELETE FROM entries WHERE path=?", [(p,) for p in paths])
+
+    def unstage_under(self, folder: str) -> int:
+        with self.db:
+            cur = self.db.execute("DELETE FROM entries WHERE path=? OR path LIKE ? ESCAPE '\\'",
+                                  (folder, _like_prefix(folder)))
+            self.db.execute("DELETE FROM dirs WHERE path=? OR path LIKE ? ESCAPE '\\'",
+                            (folder, _like_prefix(folder)))
+            return cur.rowcount
+
+    def remove(self, paths: list[str]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR IGNORE INTO removed VALUES (?)",
+                                [(p,) for p in paths])
+
+    def add_dirs(self, dirs: list[tuple[str, int, int]]) -> None:
+        with self.db:
+            self.db.executemany("INSERT OR REPLACE INTO dirs VALUES (?,?,?)", dirs)
+            self.db.executemany("DELETE FROM removed WHERE path=?", [(d[0],) for d in dirs])
+
+    def entries(self) -> Iterator[Entry]:
+        for r in self.db.execute(
+                "SELECT path, kind, size, sha256, mode, mtime_ns, pack, offset, chunks, target "
+                "FROM entries ORDER BY path"):
+            yield Entry(*r, version=self.id)
+
+    def entry_sources(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT path, source FROM entries WHERE source IS NOT NULL"))
+
+    def removed(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT path FROM removed ORDER BY path")]
+
+    def dirs(self) -> list[DirEntry]:
+        return [DirEntry(p, m, t, True, self.id) for p, m, t in
+                self.db.execute("SELECT path, mode, mtime_ns FROM dirs ORDER BY path")]
+
+    def unplaced(self) -> list[Staged]:
+        return [Staged(*r) for r in self.db.execute(
+            "SELECT path, source, size, sha256, chunks FROM entries "
+            "WHERE placed=0 AND kind='f' ORDER BY path")]
+
+    def unplaced_count(self) -> int:
+        return self.db.execute(
+            "SELECT count(*) FROM entries WHERE placed=0 AND kind='f'").fetchone()[0]
+
+    def place(self, placed: list[Placed]) -> None:
+        with self.db:
+            self.db.executemany(
+                "UPDATE entries SET pack=?, offset=?, chunks=coalesce(?, chunks), placed=1 "
+                "WHERE path=?", [(p.pack, p.offset, p.chunks, p.path) for p in placed])
+
+    def count(self) -> int:
+        return self.db.execute("SELECT count(*) FROM entries").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+    def destroy(self) -> None:
+        self.db.close()
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(f"{self.path}{suffix}")
+            except FileNotFoundError:
+                pass
+
+
+def _like_prefix(folder: str) -> str:
+    esc = folder.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return esc + "/%"
+
+
+def new_draft(version_id: str, **fields: Any) -> Draft:
+    d = Draft(version_id, create=True)
+    d.set(created=time.time(), **fields)
+    return d

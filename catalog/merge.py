@@ -1,0 +1,110 @@
+"""ClearML's merge rule over the version DAG, computed for a whole version.
+
+merged(V) = merged(p1) then merged(p2) ... (a later parent overrides an earlier one path by
+path), minus what V removes (a removed folder hides everything under it), plus V's own
+change-set. Whole-version operations (list, compare, get, verify, squash) use this; the
+mount resolves the same rule lazily, path by path, in strata.vfs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from strata.catalog import paths
+from strata.catalog.manifest import DirEntry, Entry
+
+
+@dataclass
+class MergedView:
+    files: dict[str, Entry] = field(default_factory=dict)
+    dirs: dict[str, DirEntry] = field(default_factory=dict)  # explicit directories only
+
+    def copy(self) -> "MergedView":
+        return MergedView(dict(self.files), dict(self.dirs))
+
+    def update(self, other: "MergedView") -> None:
+        self.files.update(other.files)
+        self.dirs.update(other.dirs)
+
+    def remove(self, removed: Iterable[str]) -> None:
+        hide = set(removed)
+        if not hide:
+            return
+
+        def hidden(path: str) -> bool:
+            return path in hide or any(a in hide for a in paths.ancestors(path))
+
+        self.files = {k: v for k, v in self.files.items() if not hidden(k)}
+        self.dirs = {k: v for k, v in self.dirs.items() if not hidden(k)}
+
+    def apply(self, removed: Iterable[str], files: Iterable[Entry],
+              dirs: Iterable[DirEntry]) -> None:
+        """Apply one change-set: removals first, then the version's own entries."""
+        self.remove(removed)
+        for e in files:
+            self.files[e.path] = e
+        for d in dirs:
+            self.dirs[d.path] = d
+
+    def all_dirs(self) -> set[str]:
+        """Every directory of the view: explicit ones and those implied by files."""
+        out = set()
+        for p in list(self.files) + list(self.dirs):
+            for a in paths.ancestors(p):
+                if a in out:
+                    break
+                out.add(a)
+        out.update(self.dirs)
+        return out
+
+    def under(self, folder: str) -> list[Entry]:
+        return [e for p, e in sorted(self.files.items()) if paths.is_under(p, folder)]
+
+
+def merged(repo, version_id: str) -> MergedView:
+    return merge_parents(repo, [version_id])
+
+
+def merge_parents(repo, parent_ids: list[str]) -> MergedView:
+    """The merged view of a list of final versions taken as parents, in order."""
+    if not parent_ids:
+        return MergedView()
+    view = _merged_one(repo, parent_ids[0])
+    for pid in parent_ids[1:]:
+        view.update(_merged_one(repo, pid))
+    return view
+
+
+def _merged_one(repo, version_id: str) -> MergedView:
+    # Walk the first-parent chain iteratively (chains can be long), building the view in
+    # place from the root down; other parents are merged recursively and copied in.
+    chain = []
+    vid = version_id
+    while True:
+        rec = repo.record(vid)
+        chain.append(rec)
+        if not rec.parents:
+            break
+        vid = rec.parents[0]
+    view = MergedView()
+    for rec in reversed(chain):
+        for extra in rec.parents[1:]:
+            view.update(_merged_one(repo, extra))
+        m = repo.manifest(rec.id, rec.manifest_sha256)
+        view.apply(m.removed(), m.files(), m.dirs(explicit_only=True))
+    return view
+
+
+def ancestry(repo, version_id: str) -> dict[str, tuple[str, ...]]:
+    """version id -> parent ids, for the version and all its ancestors."""
+    graph: dict[str, tuple[str, ...]] = {}
+    todo = [version_id]
+    while todo:
+        vid = todo.pop()
+        if vid in graph:
+            continue
+        rec = repo.record(vid)
+        graph[vid] = rec.parents
+        todo.extend(rec.parents)
+    return graph

@@ -1,0 +1,282 @@
+"""The S3 backend: AWS S3 and S3-compatible stores, through boto3.
+
+boto3 is imported when the first `S3Storage` is made, so strata installs without it
+(`pip install 'strata[s3]'`). Everything else comes from boto3's own configuration chain:
+credentials (environment, profile, SSO, instance role), the region (us-east-1 when none is
+configured) and the endpoint (`AWS_ENDPOINT_URL` / `AWS_ENDPOINT_URL_S3` or `endpoint_url`
+in the profile, which botocore reads itself), so MinIO, moto or any S3-compatible store
+works with no strata-specific setting.
+
+Conditional writes are S3's own: `If-None-Match: *` for only-if-absent and `If-Match: <etag>`
+for compare-and-swap. Etags are returned without their quotes.
+
+One client per AWS environment, shared by all backends and threads (boto3 clients are
+thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns retrying, so the
+bound on attempts and time is ours. `_translate` is the one table from botocore errors to
+strata's.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from strata.storage.base import ObjectInfo, check_range_args, check_write_args
+from strata.storage.errors import (
+    MissingDependency,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    StorageError,
+    Transient,
+)
+from strata.storage.url import StorageURL, check_key, check_prefix
+
+DEFAULT_REGION = "us-east-1"
+POOL_SIZE = 64  # above the widest download/readahead pool, so threads never wait on sockets
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0  # per socket read, not per object: a stalled server fails within this
+
+_MAX_CLIENTS = 8  # distinct AWS environments in one process; more only in tests
+_clients: dict[tuple[tuple[str, str], ...], Any] = {}
+_clients_lock = threading.Lock()
+
+_CREDENTIALS_HINT = (
+    "no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+    "AWS_PROFILE, or run with an instance role)"
+)
+
+
+class _OutOfRange(StorageError):
+    """HTTP 416: a range that starts at or past the end; read_range turns it into b''."""
+
+
+# S3 error code (or bare HTTP status, as HEAD responses carry no body) -> our error.
+_CODES: dict[str, tuple[type[StorageError], str]] = {
+    "NoSuchKey": (NotFound, "no such object"),
+    "NotFound": (NotFound, "no such object"),
+    "404": (NotFound, "no such object"),
+    "InvalidRange": (_OutOfRange, "range not satisfiable"),
+    "416": (_OutOfRange, "range not satisfiable"),
+    "PreconditionFailed": (PreconditionFailed, "object exists or changed since it was read"),
+    "412": (PreconditionFailed, "object exists or changed since it was read"),
+    "ConditionalRequestConflict": (Transient, "conflicting concurrent conditional write"),
+    "AccessDenied": (PermissionDenied, "access denied (check credentials and bucket policy)"),
+    "AllAccessDisabled": (PermissionDenied, "all access to this bucket is disabled"),
+    "AccountProblem": (PermissionDenied, "AWS account problem"),
+    "InvalidAccessKeyId": (PermissionDenied, "unknown AWS access key id"),
+    "InvalidClientTokenId": (PermissionDenied, "unknown AWS access key id"),
+    "SignatureDoesNotMatch": (PermissionDenied, "AWS secret key does not match the key id"),
+    "ExpiredToken": (PermissionDenied, "AWS session token expired"),
+    "ExpiredTokenException": (PermissionDenied, "AWS session token expired"),
+    "InvalidToken": (PermissionDenied, "invalid AWS session token"),
+    "TokenRefreshRequired": (PermissionDenied, "AWS session token must be refreshed"),
+    "RequestTimeTooSkewed": (PermissionDenied, "request rejected: this machine's clock is off"),
+    "401": (PermissionDenied, "not authenticated (check credentials)"),
+    "403": (PermissionDenied, "access denied (check credentials and bucket policy)"),
+    "SlowDown": (Transient, "throttled by S3 (SlowDown)"),
+    "Throttling": (Transient, "throttled by S3"),
+    "ThrottlingException": (Transient, "throttled by S3"),
+    "RequestThrottled": (Transient, "throttled by S3"),
+    "TooManyRequests": (Transient, "throttled by S3"),
+    "RequestLimitExceeded": (Transient, "throttled by S3"),
+    "429": (Transient, "throttled by S3"),
+    "RequestTimeout": (Transient, "S3 request timed out"),
+    "InternalError": (Transient, "S3 internal error"),
+    "ServiceUnavailable": (Transient, "S3 service unavailable"),
+    "OperationAborted": (Transient, "conflicting concurrent operation"),
+}
+
+
+def from_url(url: StorageURL) -> S3Storage:
+    return S3Storage(url.bucket, url.prefix)
+
+
+def make_client() -> Any:
+    """The boto3 S3 client for the current AWS environment, shared by every backend.
+
+    boto3 clients are thread-safe, and sharing one shares its connection pool, so opening a
+    backend per external link costs nothing. Clients are keyed by the AWS_* variables: a
+    changed environment (profile, endpoint, keys) gets a client of its own.
+    """
+    boto3, Config = _import_boto3()
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _clients_lock:  # boto3 sessions are not thread-safe; their clients are
+        client = _clients.get(key)
+        if client is None:
+            if len(_clients) >= _MAX_CLIENTS:
+                _clients.clear()
+            session = boto3.session.Session()
+            config = Config(
+                max_pool_connections=POOL_SIZE,
+                connect_timeout=CONNECT_TIMEOUT,
+                read_timeout=READ_TIMEOUT,
+                # total_max_attempts counts the first try; botocore's `max_attempts` would not.
+                retries={"total_max_attempts": 1, "mode": "standard"},
+                # botocore >= 1.36 adds CRC checksums to every upload by default, which several
+                # S3-compatible stores reject; strata verifies every blob by its sha256 anyway.
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            client = _clients[key] = session.client(
+                "s3", region_name=session.region_name or DEFAULT_REGION, config=config)
+        return client
+
+
+class S3Storage:
+    """Objects under `s3://bucket/prefix`."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, client: Any = None):
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._key_prefix = self.prefix + "/" if self.prefix else ""
+        self._client = client if client is not None else make_client()
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.url!r})"
+
+    def url_for(self, key: str) -> str:
+        return f"{self.url}/{key}"
+
+    def read(self, key: str) -> bytes:
+        with self._translated(self.url_for(key)):
+            response = self._client.get_object(Bucket=self.bucket, Key=self._full(key))
+            return response["Body"].read()  # inside: a dropped body is translated too
+
+    def read_range(self, key: str, offset: int, length: int) -> bytes:
+        check_range_args(offset, length)
+        if length == 0:
+            self.stat(key)  # an empty range has no HTTP form, but a missing key must still fail
+            return b""
+        try:
+            with self._translated(self.url_for(key)):
+                response = self._client.get_object(
+                    Bucket=self.bucket, Key=self._full(key),
+                    Range=f"bytes={offset}-{offset + length - 1}",
+                )
+                data = response["Body"].read()
+        except _OutOfRange:
+            return b""  # the range starts at or past the end: no bytes, not an error
+        if not response.get("ContentRange"):  # a store that ignored Range sent it all
+            data = data[offset:offset + length]
+        return data
+
+    def write(self, key: str, data: bytes, *, if_absent: bool = False,
+              if_match: str | None = None) -> str:
+        check_write_args(if_absent, if_match)
+        conditions: dict[str, str] = {}
+        if if_absent:
+            conditions["IfNoneMatch"] = "*"
+        if if_match is not None:
+            conditions["IfMatch"] = f'"{if_match}"'
+        with self._translated(self.url_for(key), compare_and_swap=if_match is not None):
+            response = self._client.put_object(
+                Bucket=self.bucket, Key=self._full(key), Body=data, **conditions)
+        return _unquote(response["ETag"])
+
+    def stat(self, key: str) -> ObjectInfo:
+        with self._translated(self.url_for(key)):
+            head = self._client.head_object(Bucket=self.bucket, Key=self._full(key))
+        return ObjectInfo(key, head["ContentLength"], _unquote(head["ETag"]),
+                          head["LastModified"].timestamp())
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        check_prefix(prefix, self.url)
+        return self._list(prefix)
+
+    def delete(self, key: str) -> None:
+        with self._translated(self.url_for(key)):
+            self._client.delete_object(Bucket=self.bucket, Key=self._full(key))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        return self._key_prefix + check_key(key, self.url)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        paginator = self._client.get_paginator("list_objects_v2")
+        skip = len(self._key_prefix)
+        with self._translated(self.url_for(prefix) if prefix else self.url):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self._key_prefix + prefix):
+                for obj in page.get("Contents", ()):
+                    yield ObjectInfo(obj["Key"][skip:], obj["Size"], _unquote(obj["ETag"]),
+                                     obj["LastModified"].timestamp())
+
+    @contextmanager
+    def _translated(self, url: str, *, compare_and_swap: bool = False) -> Iterator[None]:
+        """Run S3 calls, turning any botocore failure into one of our errors naming `url`."""
+        try:
+            yield
+        except StorageError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every SDK failure must be translated
+            error = _translate(exc, url, self.bucket)
+            if error is None:
+                raise  # not an SDK failure: a bug, keep its traceback
+            if compare_and_swap and type(error) is NotFound and _code(exc) != "NoSuchBucket":
+                # If-Match on a deleted key: the object the caller read is gone.
+                error = PreconditionFailed(url, "object no longer exists")
+            raise error from exc
+
+
+def _translate(exc: BaseException, url: str, bucket: str) -> StorageError | None:
+    """The one table from botocore / transport failures to our errors; None if not one."""
+    from botocore import exceptions as bx  # present whenever a client could be made
+
+    if isinstance(exc, bx.ClientError):
+        code, status = _code(exc), _status(exc)
+        if code == "NoSuchBucket":
+            return NotFound(url, f"bucket {bucket!r} does not exist")
+        if code in _CODES or str(status) in _CODES:
+            cls, message = _CODES[code] if code in _CODES else _CODES[str(status)]
+            return cls(url, message if code in _CODES else f"{message} ({code})")
+        if status >= 500:
+            return Transient(url, f"S3 server error {status} ({code})")
+        message = exc.response.get("Error", {}).get("Message") or code
+        return StorageError(url, f"S3 error {code}: {message}")
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError,
+                        bx.CredentialRetrievalError, bx.TokenRetrievalError,
+                        bx.SSOTokenLoadError, bx.UnauthorizedSSOTokenError)):
+        return PermissionDenied(url, _CREDENTIALS_HINT)
+    if isinstance(exc, (bx.ConnectTimeoutError, bx.ReadTimeoutError)):
+        return Transient(url, f"S3 timed out ({type(exc).__name__})")
+    if isinstance(exc, (bx.EndpointConnectionError, bx.ConnectionClosedError,
+                        bx.HTTPClientError, bx.ResponseStreamingError,
+                        bx.IncompleteReadError, OSError)):
+        # connection refused/reset/dropped, also mid-body: worth another attempt
+        return Transient(url, f"S3 connection failed ({type(exc).__name__}: {exc})")
+    if isinstance(exc, bx.BotoCoreError):
+        return StorageError(url, f"S3 client error ({type(exc).__name__}: {exc})")
+    return None
+
+
+def _status(exc: BaseException) -> int:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return 0
+    return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _code(exc: BaseException) -> str:
+    """The S3 error code; HEAD responses have no body, so their code is the bare status."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code") or _status(exc))
+
+
+def _unquote(etag: str) -> str:
+    return etag.strip('"')
+
+
+def _import_boto3() -> tuple[Any, Any]:
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise MissingDependency(
+            "S3 storage needs boto3: pip install 'strata[s3]'") from None
+    return boto3, Config

@@ -1,0 +1,174 @@
+"""The S3 backend against a real moto server: the contract, configuration and errors."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("boto3")
+
+from botocore.exceptions import (  # noqa: E402 - after the importorskip
+    ClientError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+    ResponseStreamingError,
+)
+
+from strata.storage import (  # noqa: E402
+    MissingDependency,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    RetryingStorage,
+    StorageError,
+    Transient,
+    Unreachable,
+    open_storage,
+)
+from strata.storage.s3 import S3Storage, _translate, make_client  # noqa: E402
+from tests.conftest import MotoServer, apply_s3_env, free_port  # noqa: E402
+from tests.storage.contract import StorageContract  # noqa: E402
+
+
+class TestS3Storage(StorageContract):
+    @pytest.fixture
+    def storage(self, s3_url: str) -> S3Storage:
+        return open_storage(s3_url, retry=False)
+
+
+def test_storage_is_configured_from_the_environment(s3_url, s3_server, monkeypatch) -> None:
+    monkeypatch.delenv("AWS_DEFAULT_REGION")
+    storage = open_storage(s3_url, retry=False)
+    meta = storage._client.meta
+    assert meta.endpoint_url == s3_server.endpoint_url  # from AWS_ENDPOINT_URL alone
+    assert meta.region_name == "us-east-1"
+    assert meta.config.max_pool_connections >= 32
+    assert meta.config.retries["total_max_attempts"] == 1  # retry.py owns retrying
+    assert (meta.config.connect_timeout, meta.config.read_timeout) == (10.0, 60.0)
+
+
+def test_prefix_isolates_repositories(s3_server, s3_url) -> None:
+    bucket = s3_url.split("/")[2]
+    one = open_storage(f"s3://{bucket}/one", retry=False)
+    two = open_storage(f"s3://{bucket}/one-two", retry=False)
+    one.write("k", b"1")
+    two.write("k", b"2")
+    assert [i.key for i in one.list("")] == ["k"]
+    assert one.read("k") == b"1" and two.read("k") == b"2"
+    objects = s3_server.client().list_objects_v2(Bucket=bucket)["Contents"]
+    assert sorted(o["Key"] for o in objects) == ["one-two/k", "one/k"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda s: s.read("k"), lambda s: s.write("k", b"x"), lambda s: list(s.list("")),
+    lambda s: s.write("k", b"x", if_absent=True), lambda s: s.delete("k"),
+], ids=["read", "write", "list", "write_if_absent", "delete"])
+def test_missing_bucket_is_not_found_naming_it(s3_url, call) -> None:
+    storage = open_storage("s3://no-such-bucket-strata/prefix", retry=False)
+    with pytest.raises(NotFound) as info:
+        call(storage)
+    assert "no-such-bucket-strata" in str(info.value)
+    assert "does not exist" in str(info.value)
+
+
+@pytest.fixture(scope="module")
+def auth_server():
+    # moto's server accepts any credentials unless INITIAL_NO_AUTH_ACTION_COUNT is set;
+    # with 0, every request must be signed by an access key its IAM knows.
+    server = MotoServer({"INITIAL_NO_AUTH_ACTION_COUNT": "0"}).start()
+    yield server
+    server.close()
+
+
+def test_unknown_credentials_are_permission_denied(auth_server, monkeypatch) -> None:
+    apply_s3_env(monkeypatch, auth_server.env())
+    storage = open_storage("s3://some-bucket/repo", retry=True)
+    for call in (lambda: storage.read("k"), lambda: storage.write("k", b"x"),
+                 lambda: storage.stat("k")):
+        with pytest.raises(PermissionDenied) as info:
+            call()
+        assert "s3://some-bucket/repo/k" in str(info.value)
+
+
+def test_no_credentials_is_permission_denied_with_a_hint(s3_url, monkeypatch) -> None:
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    storage = open_storage(s3_url)
+    with pytest.raises(PermissionDenied, match="AWS_ACCESS_KEY_ID"):
+        storage.read("k")
+
+
+def test_unreachable_endpoint_fails_fast(s3_url, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    raw = open_storage(s3_url, retry=False)
+    with pytest.raises(Transient):
+        raw.read("k")
+    storage = RetryingStorage(raw, attempts=3, base_delay=0.01)
+    started = time.monotonic()
+    with pytest.raises(Unreachable) as info:
+        storage.stat("k")
+    assert time.monotonic() - started < 5
+    assert s3_url + "/k" in str(info.value) and "3 attempts" in str(info.value)
+
+
+def test_server_gone_is_transient_then_unreachable(monkeypatch) -> None:
+    server = MotoServer().start()
+    try:
+        apply_s3_env(monkeypatch, server.env())
+        bucket = server.make_bucket()
+        storage = open_storage(f"s3://{bucket}", retry=False)
+        storage.write("k", b"x" * 1000)
+        server.stop()
+        with pytest.raises(Transient):
+            storage.read_range("k", 0, 10)
+        with pytest.raises(Unreachable):
+            RetryingStorage(storage, attempts=2, base_delay=0.01).read("k")
+    finally:
+        server.close()
+
+
+def test_missing_boto3_is_a_missing_dependency(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "boto3", None)  # makes `import boto3` fail
+    with pytest.raises(MissingDependency, match=r"strata\[s3\]"):
+        make_client()
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "m"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+
+@pytest.mark.parametrize("exc, kind", [
+    (_client_error("NoSuchKey", 404), NotFound),
+    (_client_error("404", 404), NotFound),
+    (_client_error("PreconditionFailed", 412), PreconditionFailed),
+    (_client_error("ConditionalRequestConflict", 409), Transient),
+    (_client_error("AccessDenied", 403), PermissionDenied),
+    (_client_error("403", 403), PermissionDenied),
+    (_client_error("InvalidAccessKeyId", 403), PermissionDenied),
+    (_client_error("SignatureDoesNotMatch", 403), PermissionDenied),
+    (_client_error("ExpiredToken", 400), PermissionDenied),
+    (_client_error("SlowDown", 503), Transient),
+    (_client_error("ThrottlingException", 400), Transient),
+    (_client_error("TooManyRequests", 429), Transient),
+    (_client_error("InternalError", 500), Transient),
+    (_client_error("SomethingNew", 502), Transient),
+    (_client_error("SomethingNew", 400), StorageError),
+    (NoCredentialsError(), PermissionDenied),
+    (EndpointConnectionError(endpoint_url="http://x"), Transient),
+    (ConnectTimeoutError(endpoint_url="http://x"), Transient),
+    (ReadTimeoutError(endpoint_url="http://x"), Transient),
+    (ResponseStreamingError(error="reset"), Transient),
+])
+def test_translation_table(exc: Exception, kind: type) -> None:
+    error = _translate(exc, "s3://b/p/k", "b")
+    assert type(error) is kind
+    assert "s3://b/p/k" in str(error)
+
+
+def test_non_sdk_errors_are_not_translated() -> None:
+    assert _translate(KeyError("bug"), "s3://b/k", "b") is None
