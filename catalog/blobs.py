@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from strata.catalog.errors import SourceChanged
+from strata.catalog.errors import SourceChanged, WrongState
 from strata.catalog.manifest import Entry
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.storage.errors import Corrupt
@@ -231,6 +231,8 @@ def iter_entry_bytes(repo, entry: Entry) -> Iterator[bytes]:
         return
     if entry.size == 0:
         return
+    if not entry.pack and not entry.chunks:
+        raise WrongState(f"{entry.path} has not been uploaded yet; run upload first")
     if entry.pack:
         yield verified(repo, entry.pack,
                        lambda: repo.read_blob(entry.pack, entry.offset, entry.size),

@@ -265,42 +265,33 @@ class Dataset:
         self._changed()
         return len(rows)
 
-    def remove_files(self, dataset_path: str, recursive: bool = True,
+    def remove_files(self, dataset_path: str | Sequence[str], recursive: bool = True,
                      verbose: bool = False) -> int:
         """Remove files by path, wildcard, folder (with or without a trailing '/') or
-        external link URL. Returns how many files were removed."""
+        external link URL; several at once with a list. All or nothing: if any of them
+        matches nothing, nothing is removed. Returns how many files were removed."""
         d = self._require_draft("remove files")
         view = self.view()
-        raw = dataset_path
-        if "://" in raw:
-            hits = [p for p, e in view.files.items() if e.kind == "x" and e.target == raw]
-            folder = None
-        else:
-            pattern = paths.clean(raw, what="path to remove")
-            folder = pattern if (not paths.has_magic(pattern)
-                                 and pattern not in view.files
-                                 and pattern in view.all_dirs()) else None
-            if folder is not None:
-                hits = [p for p in view.files if paths.is_under(p, folder)]
-            elif paths.has_magic(pattern):
-                hits = [p for p in view.files if paths.matches(p, pattern, recursive=recursive)]
-            else:
-                hits = [pattern] if pattern in view.files else []
-        if not hits and folder is None:
-            raise NothingMatched(f"nothing in {self.project}/{self.name} {self.version} "
-                                 f"matches {raw!r}")
+        wanted = [dataset_path] if isinstance(dataset_path, str) else list(dataset_path)
+        plan = [(raw, *_match_removal(view, raw, recursive)) for raw in wanted]
+        for raw, hits, folder in plan:
+            if not hits and folder is None:
+                raise NothingMatched(f"nothing in {self.project}/{self.name} {self.version} "
+                                     f"matches {raw!r}")
         parent = self.parent_view()
-        if folder is not None:
-            d.unstage_under(folder)
-            if any(paths.is_under(p, folder) for p in parent.files) or \
-                    any(paths.is_under(p, folder) for p in parent.dirs):
-                d.remove([folder])
-        else:
-            d.unstage(hits)
-            in_parents = [p for p in hits if p in parent.files]
-            d.remove(in_parents)
+        removed: set[str] = set()
+        for raw, hits, folder in plan:
+            if folder is not None:
+                d.unstage_under(folder)
+                if any(paths.is_under(p, folder) for p in parent.files) or \
+                        any(paths.is_under(p, folder) for p in parent.dirs):
+                    d.remove([folder])
+            else:
+                d.unstage(hits)
+                d.remove([p for p in hits if p in parent.files])
+            removed.update(hits)
         self._changed()
-        return len(hits)
+        return len(removed)
 
     def sync_folder(self, local_path: str | os.PathLike, dataset_path: str | None = None,
                     verbose: bool = False,
@@ -624,8 +615,61 @@ class Dataset:
                       dataset_version=dataset_version, entire_dataset=entire_dataset,
                       repo=repo)
 
-    def mount(self, path: str | os.PathLike, writable: bool = False, **options):
-        raise NotImplementedError("mounting comes with strata.vfs")
+    def mount(self, path: str | os.PathLike, writable: bool = False,
+              cache_size: str | int | None = None) -> "MountHandle":
+        """Mount this version at `path` (an empty folder); use as a context manager:
+
+            with ds.mount("/mnt/data") as m:
+                train(m.path)
+
+        The mount is served by its own process, started through the `strata` command
+        (the catalog layer does not import the mount layer above it)."""
+        if not self.is_final():
+            raise WrongState(f"version {self.id} is a draft; finalize it before mounting")
+        if writable:
+            raise BadArgument("writable mounts are not available yet")
+        args = ["mount", "--id", self.id, str(path)]
+        if cache_size:
+            args += ["--cache-size", str(cache_size)]
+        _run_cli(self.repo.url, args)
+        return MountHandle(self.repo.url, os.path.abspath(path), self.id)
+
+
+class MountHandle:
+    """A live mount of a version (returned by `Dataset.mount`)."""
+
+    def __init__(self, repo_url: str, path: str, version_id: str):
+        self.repo_url = repo_url
+        self.path = path
+        self.version_id = version_id
+        self.mounted = True
+
+    def unmount(self) -> None:
+        if self.mounted:
+            _run_cli(self.repo_url, ["unmount", self.path])
+            self.mounted = False
+
+    def __enter__(self) -> "MountHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.unmount()
+
+    def __fspath__(self) -> str:
+        return self.path
+
+
+def _run_cli(repo_url: str, args: list[str]) -> str:
+    import subprocess
+    import sys
+    from strata.catalog.errors import CatalogError
+    proc = subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "--repo",
+                           repo_url, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        message = lines[-1] if lines else f"strata {args[0]} failed"
+        raise CatalogError(message.removeprefix("strata: error: "))
+    return proc.stdout
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -657,6 +701,21 @@ def _check_state(rec: VersionRecord, only_completed: bool, only_published: bool)
 
 def _hidden(path: str, removed: set[str]) -> bool:
     return bool(removed) and (path in removed or any(a in removed for a in paths.ancestors(path)))
+
+
+def _match_removal(view: MergedView, raw: str, recursive: bool) -> tuple[list[str], str | None]:
+    """(file paths, folder) that removing `raw` concerns; folder is set when `raw` names
+    a folder of the view."""
+    if "://" in raw:
+        return [p for p, e in view.files.items() if e.kind == "x" and e.target == raw], None
+    pattern = paths.clean(raw, what="path to remove")
+    if paths.has_magic(pattern):
+        return [p for p in view.files if paths.matches(p, pattern, recursive=recursive)], None
+    if pattern in view.files:
+        return [pattern], None
+    if pattern in view.all_dirs():
+        return [p for p in view.files if paths.is_under(p, pattern)], pattern
+    return [], None
 
 
 def _patterns(wildcard) -> list[str]:

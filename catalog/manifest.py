@@ -166,6 +166,18 @@ class Manifest:
         q = "SELECT 1 FROM removed WHERE path IN (%s) LIMIT 1" % ",".join("?" * len(candidates))
         return self.db.execute(q, candidates).fetchone() is not None
 
+    def removed_names_under(self, folder: str) -> set[str]:
+        """Names of the direct children of `folder` that this version removes."""
+        if folder:
+            lo, hi = folder + "/", folder + "0"  # '0' sorts right after '/'
+            rows = self.db.execute("SELECT path FROM removed WHERE path > ? AND path < ?",
+                                   (lo, hi))
+            start = len(lo)
+        else:
+            rows = self.db.execute("SELECT path FROM removed")
+            start = 0
+        return {p[start:] for (p,) in rows if "/" not in p[start:]}
+
     def children(self, folder: str) -> tuple[list[Entry], list[DirEntry]]:
         files = [_entry(r, self.version_id) for r in self.db.execute(
             f"SELECT {FILE_COLUMNS} FROM files WHERE parent=? ORDER BY name", (folder,))]
@@ -205,3 +217,4 @@ class Manifest:
         if db is not None:
             db.close()
             self._local.db = None
+

@@ -56,7 +56,8 @@ def list_datasets(project=None, partial_name=None, tags=None, ids=None, *,
     if not only_completed:
         for d in _drafts_of(r.url):
             s = Dataset(r, draft=d)
-            if project is not None and s.project != project:
+            if project is not None and s.project != project and \
+                    not s.project.startswith(project + "/"):
                 continue
             if partial_name and partial_name.lower() not in s.name.lower():
                 continue
@@ -343,8 +344,7 @@ def log(ds: Dataset) -> list[dict]:
     info = {}
     for vid in graph:
         if vid == ds.id:
-            info[vid] = ds.summary() | {"added": len(ds.changes()[0]) if not ds.is_final()
-                                        else ds.record.added}
+            info[vid] = ds.summary()
             if not ds.is_final():
                 a, m, rm = ds.changes()
                 info[vid].update(added=len(a), modified=len(m), removed=len(rm))

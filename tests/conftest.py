@@ -25,6 +25,8 @@ from typing import Iterator
 
 import pytest
 
+pytest_plugins = ["tests.storage.emulators"]  # GCS and Azure emulator fixtures
+
 START_TIMEOUT = 30.0  # seconds; a cold moto import takes ~1 s, a loaded CI box far more
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                "AWS_DEFAULT_REGION": "us-east-1"}

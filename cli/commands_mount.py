@@ -1,0 +1,102 @@
+"""Mounting versions as folders: mount, unmount, and the local cache."""
+
+from __future__ import annotations
+
+import click
+from strata.catalog import config
+from strata.cli import output
+from strata.cli.options import command, id_option, json_option, name_options
+from strata.cli.state import State, describe, pass_state, select
+from strata.vfs import mount as mounts
+
+
+def _size(value: str | None) -> int | None:
+    return config.parse_size(value) if value else None
+
+
+@command("mount")
+@id_option()
+@name_options()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--foreground", is_flag=True,
+              help="Serve in this process until unmounted or interrupted.")
+@click.option("--cache-size", metavar="SIZE",
+              help="Cache limit, e.g. 20G (default: STRATA_CACHE_SIZE, the config file, "
+                   "or 10% of the cache disk's free space, at least 1 GiB).")
+@pass_state
+def mount(state: State, dataset_id, project, name, version, mountpoint, foreground,
+          cache_size):
+    """Mount a version read-only at MOUNTPOINT (an empty folder)."""
+    ds = select(state, dataset_id, project, name, version)
+    if not ds.is_final():
+        raise click.UsageError(f"version {ds.id} is a draft; close it before mounting")
+    size = _size(cache_size)
+    if foreground:
+        output.info(state.quiet, f"mounting {describe(ds)} at {mountpoint} (Ctrl-C to unmount)")
+        mounts.serve_foreground(ds.repo.url, ds.id, mountpoint, cache_size=size)
+        return
+    info, cleaned = mounts.start_background(ds.repo.url, ds.id, mountpoint, cache_size=size)
+    if cleaned:
+        output.info(state.quiet, cleaned)
+    output.info(state.quiet, f"mounted {describe(ds)} at {info.mountpoint} "
+                       f"(server pid {info.pid}, log {info.log})")
+
+
+@command("unmount")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@pass_state
+def unmount(state: State, mountpoint):
+    """Unmount a strata mount (a stale one left by a killed process is cleaned)."""
+    output.info(state.quiet, mounts.unmount(mountpoint))
+
+
+@click.group("cache")
+def cache():
+    """The local cache of fetched chunks and files."""
+
+
+def _info(c) -> dict:
+    units, used = c.usage()
+    return {"dir": str(c.root), "limit": c.limit, "units": units, "bytes": used,
+            "mounts": [m.mountpoint for m in mounts.all_mounts()]}
+
+
+@cache.command("info")
+@json_option
+@pass_state
+def cache_info(state: State, as_json):
+    """Where the cache is, its limit and what it holds."""
+    c = mounts.open_cache()
+    info = _info(c)
+    if state.want_json(as_json):
+        output.as_json(info)
+        return
+    click.echo(f"cache:  {info['dir']}")
+    click.echo(f"limit:  {output.format_size(info['limit'])}")
+    click.echo(f"used:   {output.format_size(info['bytes'])} in {info['units']} units")
+    for m in info["mounts"]:
+        click.echo(f"mount:  {m}")
+
+
+@cache.command("prune")
+@click.option("--cache-size", metavar="SIZE", help="Prune down to this size instead.")
+@pass_state
+def cache_prune(state: State, cache_size):
+    """Repair the cache index after crashes and evict down to the limit."""
+    c = mounts.open_cache(_size(cache_size))
+    added, dropped = c.reconcile()
+    freed = c.evict()
+    output.info(state.quiet, f"pruned {output.format_size(freed)}; index repaired "
+                       f"(+{added} -{dropped})")
+
+
+@cache.command("clear")
+@pass_state
+def cache_clear(state: State):
+    """Remove every cached unit (running mounts fetch again what they need)."""
+    c = mounts.open_cache()
+    freed = c.clear()
+    output.info(state.quiet, f"cleared {output.format_size(freed)}")
+
+
+COMMANDS = [mount, unmount, cache]

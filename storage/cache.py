@@ -1,0 +1,260 @@
+"""The local unit cache: verified, content-addressed units (a chunk, or a small file's
+bytes) shared by every mount and command of a user (DESIGN.md, "The mount").
+
+    units/<aa>/<sha256>     one file per unit, named by the sha256 of its bytes
+    index.db                SQLite (WAL): unit -> size, last access; shared by processes
+
+A unit is fetched through a caller-supplied function (the cache knows nothing of
+backends), checked against its name, refetched once on a mismatch, and only then written
+(temp file + rename). Bad bytes are never stored or returned.
+
+Concurrency model: `read` may be called from many threads. One fetch per unit at a time
+(singleflight): the first caller downloads, the others wait on its future. Units being
+read are pinned (a per-unit counter) and never evicted by this process; another process
+may unlink a unit we hold open, which Linux allows without disturbing our descriptor.
+Lock order: `_lock` (in-memory state) is never held while fetching, doing file I/O or
+touching SQLite; SQLite has its own connection per thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from strata.storage.errors import Corrupt
+
+TOUCH_INTERVAL = 30.0      # seconds between access-time updates of one unit in the index
+EVICT_BATCH = 256
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0
+    misses: int = 0
+    bytes_fetched: int = 0
+    fetches: int = 0
+    corrupt: int = 0
+    evicted: int = 0
+
+
+class UnitCache:
+    def __init__(self, root: str | os.PathLike, limit: int):
+        self.root = Path(root)
+        self.units = self.root / "units"
+        self.units.mkdir(parents=True, exist_ok=True)
+        self.limit = int(limit)
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}
+        self._pins: dict[str, int] = {}
+        self._touched: dict[str, float] = {}
+        self._local = threading.local()
+        self._since_check = 0
+        with self._db() as db:
+            db.execute("CREATE TABLE IF NOT EXISTS units("
+                       "id TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL)")
+            db.execute("CREATE INDEX IF NOT EXISTS units_atime ON units(atime)")
+
+    # ---- SQLite, one connection per thread -------------------------------------------
+    def _db(self) -> sqlite3.Connection:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite3.connect(str(self.root / "index.db"), timeout=60,
+                                 isolation_level=None, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            self._local.db = db
+        return db
+
+    def path_of(self, unit: str) -> Path:
+        return self.units / unit[:2] / unit
+
+    # ---- the one entry point for readers ----------------------------------------------
+    def read(self, unit: str, offset: int, size: int, fetch: Callable[[], bytes],
+             what: str = "") -> bytes:
+        """`size` bytes at `offset` of the unit named `unit`, fetching it if absent."""
+        with self.pinned(unit):
+            fd = self._open(unit, fetch, what)
+            try:
+                return os.pread(fd, size, offset)
+            finally:
+                os.close(fd)
+
+    def ensure(self, unit: str, fetch: Callable[[], bytes], what: str = "") -> None:
+        """Make sure the unit is cached (used by readahead)."""
+        with self.pinned(unit):
+            os.close(self._open(unit, fetch, what))
+
+    def contains(self, unit: str) -> bool:
+        return self.path_of(unit).exists()
+
+    def pinned(self, unit: str):
+        cache = self
+
+        class _Pin:
+            def __enter__(self_inner):
+                with cache._lock:
+                    cache._pins[unit] = cache._pins.get(unit, 0) + 1
+
+            def __exit__(self_inner, *exc):
+                with cache._lock:
+                    n = cache._pins[unit] - 1
+                    if n:
+                        cache._pins[unit] = n
+                    else:
+                        del cache._pins[unit]
+        return _Pin()
+
+    def _open(self, unit: str, fetch: Callable[[], bytes], what: str) -> int:
+        path = self.path_of(unit)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            with self._lock:
+                self.stats.hits += 1
+            self._touch(unit)
+            return fd
+        except FileNotFoundError:
+            pass
+        with self._lock:
+            fut = self._inflight.get(unit)
+            leader = fut is None
+            if leader:
+                fut = Future()
+                self._inflight[unit] = fut
+                self.stats.misses += 1
+        if leader:
+            try:
+                self._fetch_and_store(unit, fetch, what)
+                fut.set_result(None)
+            except BaseException as e:
+                fut.set_exception(e)
+                raise
+            finally:
+                with self._lock:
+                    self._inflight.pop(unit, None)
+        else:
+            fut.result()
+        try:
+            return os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            # evicted by another process between store and open: fetch again
+            return self._open(unit, fetch, what)
+
+    def _fetch_and_store(self, unit: str, fetch: Callable[[], bytes], what: str) -> None:
+        for attempt in range(2):
+            data = fetch()
+            with self._lock:
+                self.stats.fetches += 1
+                self.stats.bytes_fetched += len(data)
+            if hashlib.sha256(data).hexdigest() == unit:
+                break
+            with self._lock:
+                self.stats.corrupt += 1
+        else:
+            raise Corrupt(what or unit, "corrupt bytes (sha256 mismatch after a refetch); "
+                                        "not served, not cached")
+        self.store(unit, data)
+
+    def store(self, unit: str, data: bytes) -> None:
+        """Write a verified unit (the caller has checked its hash)."""
+        path = self.path_of(unit)
+        path.parent.mkdir(exist_ok=True)
+        # index first: a crash then leaves a row without a file, which eviction tolerates
+        self._db().execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
+                           (unit, len(data), time.time()))
+        tmp = path.parent / f".{unit}.{os.getpid()}.{threading.get_ident()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        with self._lock:
+            self._since_check += len(data)
+            check = self._since_check >= max(self.limit // 64, 1 << 20)
+            if check:
+                self._since_check = 0
+        if check:
+            self.evict()
+
+    def _touch(self, unit: str) -> None:
+        now = time.time()
+        with self._lock:
+            if now - self._touched.get(unit, 0.0) < TOUCH_INTERVAL:
+                return
+            self._touched[unit] = now
+            if len(self._touched) > 100_000:
+                self._touched.clear()
+        self._db().execute("UPDATE units SET atime=? WHERE id=?", (now, unit))
+
+    # ---- size limit -------------------------------------------------------------------
+    def usage(self) -> tuple[int, int]:
+        """(units, bytes) according to the index."""
+        n, total = self._db().execute("SELECT count(*), coalesce(sum(size), 0) FROM units") \
+            .fetchone()
+        return n, total
+
+    def evict(self, limit: int | None = None) -> int:
+        """Remove least recently used units until the cache fits `limit` (default: its
+        limit). Units pinned by this process are kept. Returns bytes freed."""
+        limit = self.limit if limit is None else limit
+        db = self._db()
+        _, total = self.usage()
+        freed = 0
+        skip: set[str] = set()
+        while total - freed > limit:
+            rows = db.execute("SELECT id, size FROM units ORDER BY atime LIMIT ?",
+                              (EVICT_BATCH + len(skip),)).fetchall()
+            rows = [r for r in rows if r[0] not in skip]
+            if not rows:
+                break
+            for unit, size in rows:
+                if total - freed <= limit:
+                    break
+                with self._lock:
+                    if unit in self._pins or unit in self._inflight:
+                        skip.add(unit)
+                        continue
+                db.execute("DELETE FROM units WHERE id=?", (unit,))
+                try:
+                    os.unlink(self.path_of(unit))
+                except FileNotFoundError:
+                    pass
+                freed += size
+                with self._lock:
+                    self.stats.evicted += 1
+        return freed
+
+    def clear(self) -> int:
+        return self.evict(0)
+
+    def reconcile(self) -> tuple[int, int]:
+        """Bring the index and the folder back in line after crashes: index files that
+        have no row, drop rows whose file is gone. Returns (added, dropped)."""
+        db = self._db()
+        known = {r[0] for r in db.execute("SELECT id FROM units")}
+        present = {}
+        for sub in self.units.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.startswith("."):
+                    if time.time() - f.stat().st_mtime > 3600:
+                        f.unlink(missing_ok=True)  # a temp file left by a crash
+                    continue
+                present[f.name] = f.stat()
+        added = [(u, st.st_size, st.st_atime) for u, st in present.items() if u not in known]
+        dropped = [(u,) for u in known if u not in present]
+        db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?)", added)
+        db.executemany("DELETE FROM units WHERE id=?", dropped)
+        return len(added), len(dropped)
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None

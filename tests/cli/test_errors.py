@@ -1,0 +1,190 @@
+"""Bad input: one line on stderr, a non-zero exit, no traceback, and nothing changed.
+And the error boundary itself: bugs exit 3, interrupts 130, --debug shows tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from strata.catalog import ops
+from strata.catalog.dataset import Dataset
+
+from tests.cli.conftest import assert_error, snapshot, write
+
+UNKNOWN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def final(run, src):
+    return run.version(src)
+
+
+@pytest.fixture
+def unchanged(run, isolated_home):
+    """Call with a CLI result: asserts the repository and workspace did not change."""
+    before = {}
+
+    def start():
+        before.update(snapshot(run.repo_url, isolated_home))
+
+    def check():
+        assert snapshot(run.repo_url, isolated_home) == before
+    return start, check
+
+
+def bad(run, unchanged, *args, code=1, contains=""):
+    start, check = unchanged
+    start()
+    result = run(*args, ok=False)
+    line = assert_error(result, code=code, contains=contains)
+    check()
+    return line
+
+
+def test_unknown_id(run, final, unchanged):
+    bad(run, unchanged, "list", "--id", UNKNOWN, contains=f"no version {UNKNOWN}")
+    bad(run, unchanged, "add", "--id", UNKNOWN, "--files", ".", contains="no version")
+    bad(run, unchanged, "get", "--id", "nonsense", contains="no version nonsense")
+    bad(run, unchanged, "compare", "--source", final, "--target", UNKNOWN,
+        contains="no version")
+    bad(run, unchanged, "publish", "--id", UNKNOWN, contains="no version")
+
+
+def test_unknown_name(run, final, unchanged):
+    bad(run, unchanged, "list", "--project", "p", "--name", "nope", contains="p/nope")
+    bad(run, unchanged, "get", "--project", "p", "--name", "n", "--version", "9.9.9",
+        contains="no version 9.9.9")
+    bad(run, unchanged, "delete", "--project", "p", "--name", "nope", contains="p/nope")
+    bad(run, unchanged, "rename", "--project", "p", "--name", "nope", "--new-name", "x",
+        contains="p/nope")
+
+
+def test_adding_to_a_final_version(run, final, src, unchanged):
+    line = bad(run, unchanged, "add", "--id", final, "--files", src, contains="is final")
+    assert f"--parents {final}" in line
+    bad(run, unchanged, "remove", "--id", final, "--files", "a.txt", contains="is final")
+    bad(run, unchanged, "close", "--id", final, contains="is final")
+
+
+def test_missing_source_path(run, src, unchanged, tmp_path):
+    vid = run.new_id("create", "--project", "p", "--name", "n")
+    missing = tmp_path / "missing"
+    bad(run, unchanged, "add", "--files", src / "a.txt", missing, contains=str(missing))
+    assert run.files("--id", vid) == {}
+    bad(run, unchanged, "sync", "--project", "p", "--name", "s", "--folder", missing,
+        contains="does not exist")
+    assert [d["id"] for d in json.loads(run("search", "--all", "--json").stdout)] == [vid]
+
+
+def test_delete_parent_with_children(run, final, tmp_path, unchanged):
+    write(tmp_path / "c", "c.txt", "c")
+    child = run.version(tmp_path / "c", parents=[final])
+    bad(run, unchanged, "delete", "--id", final, contains="--force")
+    assert {d["id"] for d in json.loads(run("search", "--json").stdout)} == {final, child}
+
+
+def test_non_final_parent(run, unchanged):
+    draft = run.new_id("create", "--project", "p", "--name", "n")
+    bad(run, unchanged, "create", "--project", "p", "--name", "m", "--parents", draft,
+        contains="not final")
+    bad(run, unchanged, "create", "--project", "p", "--name", "m", "--parents", UNKNOWN,
+        contains="no version")
+    bad(run, unchanged, "sync", "--project", "p", "--name", "m", "--folder", ".",
+        "--parents", draft, contains="not final")
+
+
+@pytest.mark.parametrize("parts", [("--part", "2", "--num-parts", "2"), ("--part", "0"),
+                                   ("--num-parts", "2"), ("--part", "-1", "--num-parts", "2"),
+                                   ("--part", "0", "--num-parts", "0")])
+def test_bad_parts(run, final, unchanged, parts, tmp_path):
+    bad(run, unchanged, "get", *parts, contains="--part")
+    bad(run, unchanged, "get", "--copy", tmp_path / "out", *parts, contains="--part")
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_empty_copy_target(run, final, unchanged, tmp_path):
+    out = tmp_path / "out"
+    write(out, "keep.txt", "mine")
+    bad(run, unchanged, "get", "--copy", out, contains="--overwrite")
+    assert os.listdir(out) == ["keep.txt"]
+    link = tmp_path / "taken"
+    link.mkdir()
+    bad(run, unchanged, "get", "--link", link, contains="--overwrite")
+    assert not os.path.islink(link)
+
+
+def test_bad_metadata_json(run, final, unchanged):
+    bad(run, unchanged, "metadata", "--set", "{bad", contains="not valid JSON")
+    bad(run, unchanged, "metadata", "--set", "[1, 2]", contains="JSON object")
+
+
+def test_bad_label_and_taken_label(run, final, unchanged):
+    bad(run, unchanged, "create", "--project", "p", "--name", "n", "--version", "v1",
+        contains="semantic version")
+    bad(run, unchanged, "create", "--project", "p", "--name", "n", "--version", "1.0.0",
+        contains="already has version 1.0.0")
+
+
+def test_close_disable_upload_needs_upload(run, src, unchanged):
+    run.new_id("create", "--project", "p", "--name", "n")
+    run("add", "--files", src)
+    bad(run, unchanged, "close", "--disable-upload", contains="strata upload")
+
+
+def test_verify_reports_problems(run, final, tmp_path):
+    out = tmp_path / "copy"
+    run("get", "--copy", out)
+    write(out, "a.txt", "tampered")
+    os.unlink(out / "d" / "b.txt")
+    result = run("verify", "--folder", out, ok=False)
+    assert_error(result, contains="2 problems")
+    assert sorted(result.stdout.splitlines()) == ["a.txt: size 8, expected 6", "d/b.txt: missing"]
+    report = json.loads(run("verify", "--folder", out, "--json", ok=False).stdout)
+    assert report["ok"] is False and len(report["problems"]) == 2
+
+
+def test_usage_errors_exit_2(run, final):
+    assert run("create", "--name", "n", ok=False).exit_code == 2           # no --project
+    assert run("get", "--copy", "a", "--link", "b", ok=False).exit_code == 2
+    assert run("list", "--id", final, "--project", "p", "--name", "n", ok=False).exit_code == 2
+    assert run("list", "--project", "p", ok=False).exit_code == 2
+    assert run("sync", "--folder", ".", ok=False).exit_code == 2
+    assert run("add", ok=False).exit_code == 2
+    assert run("no-such-command", ok=False).exit_code == 2
+
+
+def test_bug_exits_3_with_one_line(run, monkeypatch):
+    def boom(*a, **k):
+        raise ValueError("kaboom")
+    monkeypatch.setattr(ops, "gc", boom)
+    result = run("gc", ok=False)
+    line = assert_error(result, code=3, contains="ValueError: kaboom")
+    assert line.endswith("run with --debug for the traceback")
+    debug = run("--debug", "gc", ok=False)
+    assert debug.exit_code == 3 and "Traceback" in debug.stderr
+    assert debug.stderr.splitlines()[-1].startswith("strata: error: internal error")
+
+
+def test_debug_shows_traceback_of_domain_errors(run):
+    result = run("--debug", "list", "--id", UNKNOWN, ok=False)
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "UnknownVersion" in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("strata: error: no version")
+
+
+def test_keyboard_interrupt_exits_130(run, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Dataset, "list_datasets", classmethod(interrupted))
+    result = run("search", ok=False)
+    assert result.exit_code == 130
+    assert result.stderr.splitlines() == ["strata: interrupted"]
+
+
+def test_os_error_is_one_line(run, final, tmp_path, monkeypatch):
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "x"))
+    monkeypatch.setattr(Dataset, "get_mutable_local_copy", denied)
+    assert_error(run("get", "--copy", tmp_path / "x", ok=False),
+                 contains=f"Permission denied: {tmp_path / 'x'}")

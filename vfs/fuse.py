@@ -1,0 +1,161 @@
+"""The FUSE adapter: the one module that imports the FUSE binding.
+
+Binding: mfusepy (fusepy's maintained fork, the same path-based API) on libfuse3, chosen
+by measurement (docs/performance.md). Threading: libfuse's multithreaded loop; the core
+is thread-safe (its locks are documented in strata.vfs.core, .views, .reader and
+strata.storage.cache). `max_idle_threads` is passed because Debian's libfuse 3.14 refuses
+the multithreaded loop without it.
+
+Every operation goes through `_errno_boundary`, which maps exceptions to errno values
+with one table (`ERRNO`); anything unexpected is logged with its traceback and becomes
+EIO: never a hang and never a wrong byte.
+
+Read-only mounts rely on versions being immutable: the kernel keeps page cache across
+opens (keep_cache / kernel_cache) and caches attributes and entries for an hour.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+import stat as stat_mod
+
+from strata.catalog.errors import CatalogError, InvalidPath
+from strata.storage.errors import (Corrupt, NotFound, PermissionDenied, StorageError,
+                                   Unreachable)
+from strata.vfs.core import Attr, Filesystem
+from strata.vfs.errors import (BadHandle, IsADirectory, NoAttribute, NoEntry, NotADirectory,
+                               ReadOnly)
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+import mfusepy  # noqa: E402  (the library name must be chosen before import)
+
+log = logging.getLogger("strata.vfs")
+
+ENOATTR = getattr(errno, "ENOATTR", errno.ENODATA)
+
+# Exception type -> errno, most specific first. Storage failures are EIO: the caller can
+# do nothing about them from inside the file system, and the log names the object.
+ERRNO: list[tuple[type[BaseException], int]] = [
+    (NoEntry, errno.ENOENT),
+    (NotADirectory, errno.ENOTDIR),
+    (IsADirectory, errno.EISDIR),
+    (ReadOnly, errno.EROFS),
+    (BadHandle, errno.EBADF),
+    (NoAttribute, ENOATTR),
+    (InvalidPath, errno.EIO),
+    (Corrupt, errno.EIO),
+    (Unreachable, errno.EIO),
+    (NotFound, errno.EIO),
+    (PermissionDenied, errno.EIO),
+    (StorageError, errno.EIO),
+    (CatalogError, errno.EIO),
+]
+QUIET = (NoEntry, NoAttribute)   # expected in normal operation: not logged
+
+
+def errno_of(exc: BaseException) -> int:
+    for kind, code in ERRNO:
+        if isinstance(exc, kind):
+            return code
+    return errno.EIO
+
+
+def _errno_boundary(op):
+    @functools.wraps(op)
+    def wrapper(self, *args):
+        try:
+            return op(self, *args)
+        except mfusepy.FuseOSError:
+            raise
+        except QUIET as e:
+            raise mfusepy.FuseOSError(errno_of(e)) from None
+        except Exception as e:  # noqa: BLE001 - the boundary: everything becomes an errno
+            code = errno_of(e)
+            if any(isinstance(e, kind) for kind, _ in ERRNO):
+                log.error("%s %s: %s", op.__name__, args[:1], e)
+            else:
+                log.exception("unexpected error in %s %s", op.__name__, args[:1])
+            raise mfusepy.FuseOSError(code) from None
+    return wrapper
+
+
+def _rel(path: str) -> str:
+    return path.lstrip("/")
+
+
+def _stat(a: Attr) -> dict:
+    t = a.mtime_ns
+    return {"st_mode": a.mode, "st_size": a.size, "st_nlink": a.nlink, "st_uid": a.uid,
+            "st_gid": a.gid, "st_mtime": t, "st_ctime": t, "st_atime": t,
+            "st_blocks": a.blocks, "st_blksize": 1 << 20}
+
+
+class FuseOperations(mfusepy.Operations):
+    use_ns = True
+
+    def __init__(self, fs: Filesystem, *, on_ready=None):
+        self.fs = fs
+        self.on_ready = on_ready
+
+    def init(self, path):
+        if self.on_ready:
+            self.on_ready()
+
+    @_errno_boundary
+    def getattr(self, path, fh=None):
+        return _stat(self.fs.getattr(_rel(path)))
+
+    @_errno_boundary
+    def readdir(self, path, fh):
+        out = [(".", {"st_mode": stat_mod.S_IFDIR}, 0), ("..", {"st_mode": stat_mod.S_IFDIR}, 0)]
+        out += [(name, {"st_mode": a.mode}, 0) for name, a in self.fs.readdir(_rel(path))]
+        return out
+
+    @_errno_boundary
+    def readlink(self, path):
+        return self.fs.readlink(_rel(path))
+
+    @_errno_boundary
+    def open(self, path, fi):
+        fi.fh = self.fs.open(_rel(path), fi.flags)
+        if not self.fs.writable:
+            fi.keep_cache = 1   # immutable version: page cache stays valid across opens
+        return 0
+
+    @_errno_boundary
+    def read(self, path, size, offset, fi):
+        return self.fs.read(fi.fh, offset, size)
+
+    @_errno_boundary
+    def release(self, path, fi):
+        self.fs.release(fi.fh)
+        return 0
+
+    @_errno_boundary
+    def getxattr(self, path, name, position=0):
+        return self.fs.getxattr(_rel(path), name)
+
+    @_errno_boundary
+    def listxattr(self, path):
+        return self.fs.listxattr(_rel(path))
+
+    @_errno_boundary
+    def statfs(self, path):
+        return self.fs.statfs()
+
+
+def serve(fs: Filesystem, mountpoint: str, *, fsname: str, foreground: bool = True,
+          on_ready=None, debug: bool = False) -> None:
+    """Mount `fs` at `mountpoint` and serve it until unmounted or signalled (libfuse
+    turns SIGINT/SIGTERM/SIGHUP into a clean unmount)."""
+    options = dict(fsname=fsname, subtype="strata", default_permissions=True,
+                   max_idle_threads=16, foreground=foreground, debug=debug)
+    if fs.writable:
+        options.update(attr_timeout=1.0, entry_timeout=1.0)
+    else:
+        options.update(ro=True, kernel_cache=True, attr_timeout=3600.0,
+                       entry_timeout=3600.0, negative_timeout=3600.0)
+    mfusepy.FUSE(FuseOperations(fs, on_ready=on_ready), mountpoint, raw_fi=True, **options)

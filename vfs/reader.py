@@ -1,0 +1,119 @@
+"""Reading file bytes for the mount: (offset, size) -> units in the cache, plus readahead.
+
+A small file is one unit: its own bytes, fetched with one ranged read of exactly its
+(pack, offset, size) and verified by its sha256. A large file is a run of chunk units,
+each a whole blob verified by its id. External links are read by range from their URL.
+
+Readahead: each open file handle keeps a `Stream` (where the last read ended and a
+window). A read that starts where the previous one ended grows the window (1, 2, 4, ...
+up to `max_window` chunks) and schedules the chunks ahead on a bounded thread pool; a
+random read resets it, so random readers fetch only what they touch.
+
+Concurrency: the pool has `workers` threads; `_scheduled` (guarded by `_lock`) keeps one
+pending prefetch per chunk, and the cache's singleflight makes a reader that needs a
+chunk being prefetched wait for that download instead of starting another.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from strata.catalog.external import read_external_range
+from strata.catalog.manifest import Entry
+from strata.storage.cache import UnitCache
+
+import logging
+
+log = logging.getLogger("strata.vfs")
+
+
+@dataclass
+class Stream:
+    """Per-handle read state for readahead."""
+    next_offset: int = 0
+    window: int = 0
+    ahead_until: int = 0     # chunk index up to which prefetches were scheduled
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Reader:
+    def __init__(self, repo, cache: UnitCache, *, workers: int = 8, max_window: int = 8):
+        self.repo = repo
+        self.cache = cache
+        self.chunk_size = repo.chunk_size
+        self.max_window = max_window
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="strata-readahead")
+        self._lock = threading.Lock()
+        self._scheduled: set[str] = set()
+        self._max_pending = workers * 2
+
+    def read(self, entry: Entry, offset: int, size: int, stream: Stream | None = None) -> bytes:
+        if offset >= entry.size or size <= 0:
+            return b""
+        size = min(size, entry.size - offset)
+        if entry.kind == "x":
+            return read_external_range(entry, offset, size)
+        if entry.pack:
+            return self.cache.read(
+                entry.sha256, offset, size,
+                lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
+                f"{entry.path} (pack {entry.pack})")
+        if stream is not None:
+            self._readahead(entry, offset, size, stream)
+        parts = []
+        end = offset + size
+        ids = entry.chunk_ids
+        while offset < end:
+            idx, within = divmod(offset, self.chunk_size)
+            n = min(end - offset, self.chunk_size - within)
+            cid = ids[idx]
+            parts.append(self.cache.read(cid, within, n, self._fetcher(cid),
+                                         f"chunk {cid} of {entry.path}"))
+            offset += n
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _fetcher(self, cid: str):
+        return lambda: self.repo.read_blob(cid)
+
+    def _readahead(self, entry: Entry, offset: int, size: int, s: Stream) -> None:
+        with s.lock:
+            if offset == s.next_offset and offset > 0:
+                s.window = min(max(1, s.window * 2), self.max_window)
+            elif offset != s.next_offset:
+                s.window = 0
+                s.ahead_until = 0
+            s.next_offset = offset + size
+            if not s.window:
+                return
+            ids = entry.chunk_ids
+            current = (offset + size - 1) // self.chunk_size
+            first = max(current + 1, s.ahead_until)
+            last = min(current + s.window, len(ids) - 1)
+            if first > last:
+                return
+            s.ahead_until = last + 1
+        for idx in range(first, last + 1):
+            cid = ids[idx]
+            with self._lock:
+                if cid in self._scheduled or len(self._scheduled) >= self._max_pending:
+                    continue
+                self._scheduled.add(cid)
+            if self.cache.contains(cid):
+                with self._lock:
+                    self._scheduled.discard(cid)
+                continue
+            self._pool.submit(self._prefetch, cid, entry.path)
+
+    def _prefetch(self, cid: str, path: str) -> None:
+        try:
+            self.cache.ensure(cid, self._fetcher(cid), f"chunk {cid} of {path}")
+        except Exception as e:  # a reader that needs it will fetch and report it
+            log.warning("readahead of a chunk of %s failed: %s", path, e)
+        finally:
+            with self._lock:
+                self._scheduled.discard(cid)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
