@@ -290,7 +290,7 @@ class Dataset:
                 d.unstage(hits)
                 d.remove([p for p in hits if p in parent.files])
             removed.update(hits)
-        self._changed()
+        self._hide_emptied_folders(d)
         return len(removed)
 
     def sync_folder(self, local_path: str | os.PathLike, dataset_path: str | None = None,
@@ -312,9 +312,22 @@ class Dataset:
         d.remove([p for p in gone + gone_dirs if p in parent.files or p in parent.dirs])
         with d.db:
             d.db.executemany("DELETE FROM dirs WHERE path=?", [(p,) for p in gone_dirs])
-        self._changed()
+        self._hide_emptied_folders(d)
         added, modified = self._stage(d, cands, progress)
         return len(gone), added, modified
+
+    def _hide_emptied_folders(self, d: drafts.Draft) -> None:
+        """A parent's folder whose every file this draft removed is removed too, so the
+        version's tree has no empty folder that was not asked for; the lazy mount view
+        and the eager merge then agree."""
+        self._changed()
+        before = self.parent_view().all_dirs()
+        now = self.view().all_dirs()
+        emptied = [p for p in before - now
+                   if not any(a in before and a not in now for a in paths.ancestors(p))]
+        if emptied:
+            d.remove(sorted(emptied))
+            self._changed()
 
     def _stage(self, d: drafts.Draft, cands: list[Candidate],
                progress: Progress) -> tuple[int, int]:

@@ -131,7 +131,9 @@ class UnitCache:
                 self.stats.misses += 1
         if leader:
             try:
-                self._fetch_and_store(unit, fetch, what)
+                # a previous leader may have stored it between our miss and our lead
+                if not path.exists():
+                    self._fetch_and_store(unit, fetch, what)
                 fut.set_result(None)
             except BaseException as e:
                 fut.set_exception(e)
@@ -175,7 +177,7 @@ class UnitCache:
         os.replace(tmp, path)
         with self._lock:
             self._since_check += len(data)
-            check = self._since_check >= max(self.limit // 64, 1 << 20)
+            check = self._since_check >= max(1, min(self.limit // 16, 64 << 20))
             if check:
                 self._since_check = 0
         if check:

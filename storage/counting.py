@@ -23,6 +23,7 @@ class CountingStorage:
         self.calls: Counter[str] = Counter()
         self.bytes_read = 0
         self.bytes_written = 0
+        self.keys_read: list[str] = []   # every key read or range-read, in order
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -36,19 +37,20 @@ class CountingStorage:
     def reset(self) -> None:
         with self._lock:
             self.calls.clear()
+            self.keys_read.clear()
             self.bytes_read = self.bytes_written = 0
 
     def url_for(self, key: str) -> str:
         return self.inner.url_for(key)
 
     def read(self, key: str) -> bytes:
-        self._count("read")
+        self._count("read", key=key)
         data = self.inner.read(key)
         self._count(None, read=len(data))
         return data
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        self._count("read_range")
+        self._count("read_range", key=key)
         data = self.inner.read_range(key, offset, length)
         self._count(None, read=len(data))
         return data
@@ -70,9 +72,12 @@ class CountingStorage:
         self._count("delete")
         self.inner.delete(key)
 
-    def _count(self, method: str | None, *, read: int = 0, written: int = 0) -> None:
+    def _count(self, method: str | None, *, read: int = 0, written: int = 0,
+               key: str | None = None) -> None:
         with self._lock:
             if method:
                 self.calls[method] += 1
+            if key is not None:
+                self.keys_read.append(key)
             self.bytes_read += read
             self.bytes_written += written

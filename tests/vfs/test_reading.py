@@ -1,0 +1,203 @@
+"""Reading through the filesystem core: exact bytes, one fetch per unit, readahead,
+verification, eviction and bounded failure, counted at the storage boundary."""
+
+import hashlib
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from strata.catalog import Dataset, layout
+from strata.storage.errors import Corrupt, Unreachable
+from strata.storage.retry import RetryingStorage
+from strata.vfs.errors import IsADirectory, NoEntry, ReadOnly
+from tests.catalog.conftest import write
+from tests.storage.faults import FaultyStorage
+from tests.vfs.conftest import CHUNK
+
+
+def make(repo_url, tmp_path, files, parents=()):
+    src = tmp_path / f"src{len(os.listdir(tmp_path))}"
+    for rel, data in files.items():
+        write(src, rel, data)
+    ds = Dataset.create("n", "p", parent_datasets=list(parents), repo=repo_url)
+    ds.add_files(src)
+    ds.finalize(auto_upload=True)
+    return ds
+
+
+def test_getattr_and_readdir_fetch_no_data(repo_url, tmp_path, mounted):
+    ds = make(repo_url, tmp_path, {"d/x": os.urandom(1000), "big": os.urandom(CHUNK * 3)})
+    m = mounted(repo_url, ds.id)
+    m.counting.reset()
+    assert [n for n, _ in m.fs.readdir("")] == ["big", "d"]
+    assert m.fs.getattr("big").size == CHUNK * 3
+    assert m.fs.getattr("d/x").mode & 0o222 == 0          # read-only mount
+    assert not any(k.startswith("blobs/") for k in m.counting.keys_read)
+
+
+def test_random_reads_from_16_threads_match_and_fetch_each_chunk_once(repo_url, tmp_path,
+                                                                        mounted):
+    data = os.urandom(CHUNK * 10 + 123)
+    ds = make(repo_url, tmp_path, {"big": data, "small": b"s" * 5000})
+    m = mounted(repo_url, ds.id)
+    m.counting.reset()
+    errors = []
+
+    def reader(seed):
+        rnd = random.Random(seed)
+        fh = m.fs.open("big", os.O_RDONLY)
+        try:
+            for _ in range(50):
+                off = rnd.randrange(len(data))
+                size = rnd.randrange(1, 200_000)
+                if m.fs.read(fh, off, size) != data[off:off + size]:
+                    errors.append((off, size))
+        finally:
+            m.fs.release(fh)
+
+    threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    chunk_reads = [k for k in m.counting.keys_read if k.startswith("blobs/")]
+    assert len(chunk_reads) == len(set(chunk_reads)) == 11  # each chunk fetched once
+
+
+def test_a_file_shared_by_versions_is_cached_once(repo_url, tmp_path, mounted):
+    shared = os.urandom(3000)
+    a = make(repo_url, tmp_path, {"same": shared, "x": b"1"})
+    b = make(repo_url, tmp_path, {"renamed": shared}, parents=[a.id])
+    ma = mounted(repo_url, a.id)
+    assert ma.fs.read_path("same") == shared
+    mb = mounted(repo_url, b.id)
+    assert mb.fs.read_path("renamed") == shared
+    assert mb.fs.read_path("same") == shared
+    assert not any(k.startswith("blobs/") for k in mb.counting.keys_read)
+    assert mb.fs.getxattr("renamed", "user.strata.version") == b.id.encode()
+    assert mb.fs.getxattr("same", "user.strata.version") == a.id.encode()
+
+
+def test_small_file_read_is_one_exact_range(repo_url, tmp_path, mounted):
+    files = {f"f{i:02}": os.urandom(1000 + i) for i in range(20)}
+    ds = make(repo_url, tmp_path, files)
+    m = mounted(repo_url, ds.id)
+    m.fs.getattr("f07")                          # fetches the manifest
+    m.counting.reset()
+    assert m.fs.read_path("f07") == files["f07"]
+    assert m.counting.calls["read_range"] == 1 and m.counting.calls["read"] == 0
+    assert m.counting.bytes_read == len(files["f07"])
+
+
+def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
+    data = os.urandom(CHUNK * 8)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    fh = m.fs.open("big", os.O_RDONLY)
+    step = 16 * 1024
+    for off in range(0, CHUNK * 2, step):
+        assert m.fs.read(fh, off, step) == data[off:off + step]
+    ids = m.view.lookup("big").entry.chunk_ids
+    deadline = time.monotonic() + 10
+    while not all(m.cache.contains(c) for c in ids[2:5]) and time.monotonic() < deadline:
+        time.sleep(0.01)   # waiting on an observable condition, bounded
+    assert all(m.cache.contains(c) for c in ids[2:5]), "chunks ahead were prefetched"
+    m.fs.release(fh)
+
+
+def test_random_reader_fetches_only_what_it_touches(repo_url, tmp_path, mounted):
+    data = os.urandom(CHUNK * 8)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    fh = m.fs.open("big", os.O_RDONLY)
+    m.counting.reset()
+    for off in (CHUNK * 6 + 5, CHUNK * 1 + 7, CHUNK * 4):
+        assert m.fs.read(fh, off, 100) == data[off:off + 100]
+    m.reader._pool.shutdown(wait=True)
+    assert m.counting.calls["read"] == 3
+
+
+def test_corrupt_blob_is_refetched_once_then_refused_and_never_cached(repo_url, tmp_path,
+                                                                      mounted):
+    data = os.urandom(CHUNK * 2)
+    ds = make(repo_url, tmp_path, {"big": data, "ok": b"fine"})
+    m = mounted(repo_url, ds.id)
+    victim = m.view.lookup("big").entry.chunk_ids[1]
+    path = os.path.join(repo_url, layout.blob_key(victim))
+    raw = bytearray(open(path, "rb").read())
+    raw[0] ^= 1
+    open(path, "wb").write(bytes(raw))
+    m.counting.reset()
+    with pytest.raises(Corrupt, match=victim):
+        m.fs.read_path("big", CHUNK, 10)
+    assert m.counting.keys_read.count(layout.blob_key(victim)) == 2   # refetched once
+    assert not m.cache.contains(victim)
+    assert m.fs.read_path("big", 0, 10) == data[:10]                  # other chunks fine
+    assert m.fs.read_path("ok") == b"fine"
+    for sub in (m.cache.units).iterdir():
+        for unit in sub.iterdir():
+            assert hashlib.sha256(unit.read_bytes()).hexdigest() == unit.name
+
+
+def test_failing_storage_gives_bounded_retries_then_an_error(repo_url, tmp_path, mounted):
+    data = os.urandom(CHUNK * 2)
+    ds = make(repo_url, tmp_path, {"big": data})
+    faulty = {}
+
+    def wrap(inner):
+        faulty["f"] = FaultyStorage(inner, failures=0, methods=("read", "read_range"),
+                                    stall=0.05)
+        return RetryingStorage(faulty["f"], attempts=4, base_delay=0.01, total_seconds=2)
+
+    m = mounted(repo_url, ds.id, wrap=wrap)
+    m.fs.getattr("big")                              # record and manifest are local now
+    faulty["f"].failures = 10**6                     # then the store starts failing
+    faulty["f"].calls.clear()
+    start = time.monotonic()
+    with pytest.raises(Unreachable):
+        m.fs.read_path("big", 0, 10)
+    assert time.monotonic() - start < 5
+    assert faulty["f"].calls["read"] == 4
+    faulty["f"].failures = 0                         # the store heals: reads work again
+    assert m.fs.read_path("big", 0, 10) == data[:10]
+
+
+def test_eviction_keeps_the_cache_near_its_limit(repo_url, tmp_path, mounted):
+    data = os.urandom(CHUNK * 40)
+    ds = make(repo_url, tmp_path, {"big": data})
+    limit = CHUNK * 8
+    m = mounted(repo_url, ds.id, limit=limit)
+    for off in range(0, len(data), CHUNK):
+        assert m.fs.read_path("big", off, CHUNK) == data[off:off + CHUNK]
+    units, used = m.cache.usage()
+    assert used <= limit + CHUNK * 2 and m.cache.stats.evicted >= 30
+    assert m.fs.read_path("big", 0, 100) == data[:100]    # evicted units come back
+
+
+def test_pinned_units_survive_eviction(tmp_path):
+    from strata.storage.cache import UnitCache
+    cache = UnitCache(tmp_path / "c", limit=10)
+    data = b"x" * 100
+    unit = hashlib.sha256(data).hexdigest()
+    with cache.pinned(unit):
+        cache.ensure(unit, lambda: data)
+        cache.evict()
+        assert cache.contains(unit)
+    cache.evict()
+    assert not cache.contains(unit)
+
+
+def test_posix_errors_of_the_core(repo_url, tmp_path, mounted):
+    ds = make(repo_url, tmp_path, {"d/x": b"1"})
+    m = mounted(repo_url, ds.id)
+    with pytest.raises(NoEntry):
+        m.fs.getattr("nope")
+    with pytest.raises(IsADirectory):
+        m.fs.open("d", os.O_RDONLY)
+    with pytest.raises(ReadOnly):
+        m.fs.open("d/x", os.O_WRONLY)
+    assert m.fs.read_path("d/x", 5, 10) == b""
