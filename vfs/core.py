@@ -15,9 +15,10 @@ import stat as stat_mod
 import threading
 from dataclasses import dataclass
 
-from strata.vfs.errors import BadHandle, IsADirectory, NoAttribute, NoEntry, ReadOnly
+from strata.vfs.errors import (BadHandle, IsADirectory, NoAttribute, NoEntry, NotPermitted,
+                               ReadOnly)
 from strata.vfs.reader import Stream
-from strata.vfs.views import DIR, LINK, Node, View
+from strata.vfs.views import DIR, LINK, Node, View, missing
 
 XATTR_VERSION = "user.strata.version"
 BLOCK = 4096
@@ -38,6 +39,8 @@ class Attr:
 class Handle:
     node: Node
     stream: Stream
+    path: str = ""
+    fd: int | None = None       # an upper file (writable mounts)
 
 
 class Filesystem:
@@ -54,7 +57,7 @@ class Filesystem:
     def node(self, path: str) -> Node:
         n = self.view.lookup(path)
         if n is None:
-            raise NoEntry(path)
+            raise missing(self.view, path)
         return n
 
     def attr_of(self, n: Node) -> Attr:
@@ -66,9 +69,8 @@ class Filesystem:
         if n.kind == LINK:
             return Attr(stat_mod.S_IFLNK | 0o777, n.size, n.mtime_ns, 1, self.uid,
                         self.gid, 0)
-        perm = (perm or 0o644) | 0o444
         if not self.writable:
-            perm &= ~0o222
+            perm = ((perm or 0o644) | 0o444) & ~0o222
         return Attr(stat_mod.S_IFREG | perm, n.size, n.mtime_ns, 1, self.uid, self.gid,
                     (n.size + 511) // 512)
 
@@ -101,33 +103,118 @@ class Filesystem:
                 "f_bavail": 0, "f_files": files, "f_ffree": 0, "f_namemax": 255}
 
     # ---- data -------------------------------------------------------------------------
-    def open(self, path: str, flags: int) -> int:
-        n = self.node(path)
-        if n.kind == DIR:
-            raise IsADirectory(path)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND) and not self.writable:
-            raise ReadOnly(path)
-        fh = next(self._next)
-        with self._lock:
-            self._handles[fh] = Handle(n, Stream())
-        return fh
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 
-    def read(self, fh: int, offset: int, size: int) -> bytes:
+    def _handle(self, fh: int) -> Handle:
         with self._lock:
             h = self._handles.get(fh)
         if h is None:
             raise BadHandle(str(fh))
+        return h
+
+    def _new_handle(self, h: Handle) -> int:
+        fh = next(self._next)
+        with self._lock:
+            self._handles[fh] = h
+        return fh
+
+    def open(self, path: str, flags: int) -> int:
+        n = self.node(path)
+        if n.kind == DIR:
+            raise IsADirectory(path)
+        if flags & self.WRITE_FLAGS:
+            if not self.writable:
+                raise ReadOnly(path)
+            if flags & os.O_TRUNC:
+                up = self.view.truncate(path, 0)
+            else:
+                up = self.view.copy_up(path)
+            return self._new_handle(Handle(self.node(path), Stream(), path,
+                                           os.open(up, os.O_RDWR)))
+        if n.upper:
+            return self._new_handle(Handle(n, Stream(), path, os.open(n.upper, os.O_RDONLY)))
+        return self._new_handle(Handle(n, Stream(), path))
+
+    def read(self, fh: int, offset: int, size: int) -> bytes:
+        h = self._handle(fh)
+        if h.fd is None and self.writable:
+            # another handle may have copied the file up since this one opened it:
+            # read-your-writes across handles
+            n = self.view.lookup(h.path)
+            if n is not None and n.upper:
+                h.fd = os.open(n.upper, os.O_RDONLY)
+        if h.fd is not None:
+            return os.pread(h.fd, size, offset)
         return self.view.read(h.node, offset, size, h.stream)
 
     def release(self, fh: int) -> None:
         with self._lock:
-            self._handles.pop(fh, None)
+            h = self._handles.pop(fh, None)
+        if h is not None and h.fd is not None:
+            os.close(h.fd)
 
     def read_path(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         """Convenience for tests: open, read, release."""
         fh = self.open(path, os.O_RDONLY)
         try:
-            n = self._handles[fh].node
+            n = self.node(path)
             return self.read(fh, offset, n.size - offset if size is None else size)
         finally:
             self.release(fh)
+
+    # ---- changes (writable mounts: the view is an OverlayView) ------------------------
+    def _overlay(self, path: str):
+        if not self.writable:
+            raise ReadOnly(path)
+        return self.view
+
+    def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
+        up = self._overlay(path).create(path, mode, exclusive=bool(flags & os.O_EXCL))
+        return self._new_handle(Handle(self.node(path), Stream(), path, os.open(up, os.O_RDWR)))
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        h = self._handle(fh)
+        if h.fd is None:
+            raise BadHandle(f"{h.path} is not open for writing")
+        return os.pwrite(h.fd, data, offset)
+
+    def truncate(self, path: str, length: int, fh: int | None = None) -> None:
+        h = self._handle(fh) if fh is not None else None
+        if h is not None and h.fd is not None:
+            os.ftruncate(h.fd, length)
+        else:
+            self._overlay(path).truncate(path, length)
+
+    def fsync(self, fh: int) -> None:
+        h = self._handle(fh)
+        if h.fd is not None:
+            os.fsync(h.fd)
+
+    def unlink(self, path: str) -> None:
+        self._overlay(path).unlink(path)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        self._overlay(path).mkdir(path, mode)
+
+    def rmdir(self, path: str) -> None:
+        self._overlay(path).rmdir(path)
+
+    def rename(self, old: str, new: str) -> None:
+        self._overlay(old).rename(old, new)
+
+    def symlink(self, path: str, target: str) -> None:
+        self._overlay(path).symlink(path, target)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._overlay(path).chmod(path, mode)
+
+    def utimens(self, path: str, mtime_ns: int) -> None:
+        self._overlay(path).utimens(path, mtime_ns)
+
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.node(path)
+        if uid not in (-1, self.uid) or gid not in (-1, self.gid):
+            raise NotPermitted(f"{path}: files in a strata mount belong to the mounting user")
+
+    def link(self, path: str, target: str) -> None:
+        raise NotPermitted("hard links are not supported in strata mounts")

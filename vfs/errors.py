@@ -26,6 +26,18 @@ class ReadOnly(VfsError):
     pass
 
 
+class Exists(VfsError):
+    pass
+
+
+class NotEmpty(VfsError):
+    pass
+
+
+class NotPermitted(VfsError):
+    """An operation strata does not support (hard links, chown to another user, ...)."""
+
+
 class BadHandle(VfsError):
     pass
 
@@ -36,3 +48,7 @@ class NoAttribute(VfsError):
 
 class MountError(VfsError):
     """Mounting or unmounting failed (busy mountpoint, missing FUSE, ...)."""
+
+
+class InvalidArgument(VfsError):
+    pass

@@ -26,8 +26,8 @@ from strata.catalog.errors import CatalogError, InvalidPath
 from strata.storage.errors import (Corrupt, NotFound, PermissionDenied, StorageError,
                                    Unreachable)
 from strata.vfs.core import Attr, Filesystem
-from strata.vfs.errors import (BadHandle, IsADirectory, NoAttribute, NoEntry, NotADirectory,
-                               ReadOnly)
+from strata.vfs.errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NoAttribute, NoEntry,
+                               NotADirectory, NotEmpty, NotPermitted, ReadOnly)
 
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
 import mfusepy  # noqa: E402  (the library name must be chosen before import)
@@ -43,6 +43,10 @@ ERRNO: list[tuple[type[BaseException], int]] = [
     (NotADirectory, errno.ENOTDIR),
     (IsADirectory, errno.EISDIR),
     (ReadOnly, errno.EROFS),
+    (Exists, errno.EEXIST),
+    (NotEmpty, errno.ENOTEMPTY),
+    (NotPermitted, errno.EPERM),
+    (InvalidArgument, errno.EINVAL),
     (BadHandle, errno.EBADF),
     (NoAttribute, ENOATTR),
     (InvalidPath, errno.EIO),
@@ -53,7 +57,7 @@ ERRNO: list[tuple[type[BaseException], int]] = [
     (StorageError, errno.EIO),
     (CatalogError, errno.EIO),
 ]
-QUIET = (NoEntry, NoAttribute)   # expected in normal operation: not logged
+QUIET = (NoEntry, NoAttribute, Exists, NotEmpty)   # expected in normal operation: not logged
 
 
 def errno_of(exc: BaseException) -> int:
@@ -158,4 +162,14 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, foreground: bool = Tr
     else:
         options.update(ro=True, kernel_cache=True, attr_timeout=3600.0,
                        entry_timeout=3600.0, negative_timeout=3600.0)
-    mfusepy.FUSE(FuseOperations(fs, on_ready=on_ready), mountpoint, raw_fi=True, **options)
+    try:
+        mfusepy.FUSE(FuseOperations(fs, on_ready=on_ready), mountpoint, raw_fi=True,
+                     **options)
+    except RuntimeError as e:
+        # fuse_main returns 8 when its loop ends with an error, and libfuse 3's signal
+        # handler records the signal as that error: SIGINT/SIGTERM/SIGHUP come back as 8
+        # after libfuse has unmounted. That is the clean shutdown we asked for, not a
+        # failure (a real loop error is reported by libfuse itself on stderr).
+        if e.args != (8,):
+            raise
+        log.info("stopped by a signal; %s is unmounted", mountpoint)

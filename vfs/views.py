@@ -35,6 +35,7 @@ class Node:
     mtime_ns: int
     version: str
     entry: Entry | None = None
+    upper: str | None = None    # overlay: the local file holding this file's bytes
 
     @property
     def name(self) -> str:
@@ -51,6 +52,19 @@ def node_of_entry(e: Entry) -> Node:
 
 def node_of_dir(d: DirEntry) -> Node:
     return Node(d.path, DIR, 0, d.mode, d.mtime_ns, d.version)
+
+
+def missing(view, path: str) -> Exception:
+    """The error for a path that does not resolve: ENOTDIR when one of its folders is
+    not a folder (what the kernel reports walking the path), else ENOENT."""
+    parts = path.split("/")
+    for i in range(1, len(parts)):
+        n = view.lookup("/".join(parts[:i]))
+        if n is None:
+            break
+        if not n.is_dir:
+            return NotADirectory(path)
+    return NoEntry(path)
 
 
 class View(Protocol):

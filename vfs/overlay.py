@@ -1,0 +1,463 @@
+"""The overlay: the writable upper layer of a mount, over any read-only view.
+
+State lives in one folder per overlay (in the workspace, so it survives remounts and
+crashes): `upper/` holds the bytes of new and modified files, `journal.db` (SQLite, WAL,
+one committed transaction per operation) holds what each changed path now is:
+
+    kind 'f'  a file: its bytes in upper/<upper>, or, after a rename or chmod of a lower
+              file, still the lower blobs (`lower` = the lower entry as JSON: no copy-up)
+    kind 'l'  a symlink (`target`)
+    kind 'd'  a folder; `redirect` names the lower folder its lower contents come from
+              (a renamed lower folder: metadata only), `opaque` hides lower contents
+              (a folder deleted and created again)
+    kind 'w'  a whiteout: the lower path is deleted
+
+A path's lower counterpart is found by walking its components through the journal
+(`lower_path`), which is how renamed folders keep showing their lower files.
+
+Concurrency: metadata operations take `_lock` (an RLock; SQLite is used only under it);
+file data is read and written through descriptors outside it. Lock order: overlay
+`_lock` before any lock of the lower view or the cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat as stat_mod
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from strata.catalog import paths
+from strata.catalog.manifest import Entry
+from strata.vfs.errors import (Exists, InvalidArgument, IsADirectory, NoEntry, NotADirectory,
+                               NotEmpty, NotPermitted)
+from strata.vfs.views import DIR, FILE, LINK, Node, View, missing
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes(
+    path TEXT PRIMARY KEY, parent TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    upper TEXT, lower TEXT, redirect TEXT, opaque INTEGER NOT NULL DEFAULT 0,
+    mode INTEGER, mtime_ns INTEGER, target TEXT, origin TEXT) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS nodes_parent ON nodes(parent, name);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+COLUMNS = "path, kind, upper, lower, redirect, opaque, mode, mtime_ns, target, origin"
+OVERLAY_VERSION = "overlay"   # what user.strata.version says of a pending change
+COPY_BLOCK = 8 << 20
+
+
+@dataclass(frozen=True)
+class Row:
+    path: str
+    kind: str
+    upper: str | None = None
+    lower: str | None = None
+    redirect: str | None = None
+    opaque: int = 0
+    mode: int | None = None
+    mtime_ns: int | None = None
+    target: str | None = None
+    origin: str | None = None
+
+
+def _entry_json(e: Entry) -> str:
+    d = asdict(e)
+    if d.get("chunks") is not None:
+        d["chunks"] = e.chunks.hex()
+    return json.dumps(d)
+
+
+def _entry_from_json(text: str) -> Entry:
+    d = json.loads(text)
+    if d.get("chunks") is not None:
+        d["chunks"] = bytes.fromhex(d["chunks"])
+    return Entry(**d)
+
+
+class Overlay:
+    """The journal and upper folder of one overlay (no view logic)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.upper_dir = self.folder / "upper"
+        self.upper_dir.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(self.folder / "journal.db"), isolation_level=None,
+                                  check_same_thread=False, timeout=30)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def get(self, path: str) -> Row | None:
+        r = self.db.execute(f"SELECT {COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()
+        return Row(*r) if r else None
+
+    def children(self, folder: str) -> list[Row]:
+        return [Row(*r) for r in self.db.execute(
+            f"SELECT {COLUMNS} FROM nodes WHERE parent=? ORDER BY name", (folder,))]
+
+    def rows(self) -> list[Row]:
+        return [Row(*r) for r in self.db.execute(f"SELECT {COLUMNS} FROM nodes ORDER BY path")]
+
+    def under(self, folder: str) -> list[Row]:
+        lo, hi = folder + "/", folder + "0"
+        return [Row(*r) for r in self.db.execute(
+            f"SELECT {COLUMNS} FROM nodes WHERE path > ? AND path < ? ORDER BY path", (lo, hi))]
+
+    def put(self, row: Row) -> None:
+        self.db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                        (row.path, paths.parent_of(row.path), paths.name_of(row.path),
+                         row.kind, row.upper, row.lower, row.redirect, row.opaque, row.mode,
+                         row.mtime_ns, row.target, row.origin))
+
+    def drop(self, path: str) -> None:
+        self.db.execute("DELETE FROM nodes WHERE path=?", (path,))
+
+    def upper_path(self, name: str) -> str:
+        return str(self.upper_dir / name)
+
+    def new_upper(self) -> str:
+        return uuid.uuid4().hex
+
+    def get_meta(self, key: str, default=None):
+        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return json.loads(r[0]) if r else default
+
+    def set_meta(self, **values) -> None:
+        for k, v in values.items():
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+
+    def is_empty(self) -> bool:
+        return self.db.execute("SELECT 1 FROM nodes LIMIT 1").fetchone() is None
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class OverlayView:
+    """A writable view: the overlay's changes over a read-only `lower` view."""
+
+    def __init__(self, lower: View, overlay: Overlay):
+        self.lower = lower
+        self.overlay = overlay
+        self._lock = threading.RLock()
+
+    # ---- resolving paths -------------------------------------------------------------
+    def lower_path(self, path: str) -> str | None:
+        """The path in the lower view whose contents show at overlay `path`, or None when
+        the overlay hides the lower side there."""
+        lp = ""
+        op = ""
+        for comp in path.split("/") if path else ():
+            op = paths.join(op, comp)
+            row = self.overlay.get(op)
+            if row is None:
+                lp = paths.join(lp, comp)
+            elif row.kind == DIR:
+                if row.opaque:
+                    return None
+                lp = row.redirect if row.redirect is not None else paths.join(lp, comp)
+            else:
+                return None   # a whiteout, or a file/symlink replacing a folder
+        return lp
+
+    def _lower_node(self, path: str) -> Node | None:
+        lp = self.lower_path(path)
+        if lp is None:
+            return None
+        n = self.lower.lookup(lp)
+        if n is None:
+            return None
+        return Node(path, n.kind, n.size, n.mode, n.mtime_ns, n.version, n.entry)
+
+    def _node_of_row(self, row: Row) -> Node | None:
+        if row.kind == "w":
+            return None
+        if row.kind == DIR:
+            return Node(row.path, DIR, 0, row.mode if row.mode is not None else 0o755,
+                        row.mtime_ns or 0, OVERLAY_VERSION)
+        if row.kind == LINK:
+            e = Entry(row.path, "l", len(row.target.encode()), None, 0o777,
+                      row.mtime_ns or 0, target=row.target, version=OVERLAY_VERSION)
+            return Node(row.path, LINK, e.size, 0o777, e.mtime_ns, OVERLAY_VERSION, e)
+        if row.upper:
+            up = self.overlay.upper_path(row.upper)
+            st = os.stat(up)
+            return Node(row.path, FILE, st.st_size, stat_mod.S_IMODE(st.st_mode),
+                        st.st_mtime_ns, OVERLAY_VERSION, None, up)
+        e = _entry_from_json(row.lower)
+        return Node(row.path, e.kind, e.size, row.mode if row.mode is not None else e.mode,
+                    row.mtime_ns if row.mtime_ns is not None else e.mtime_ns, e.version, e)
+
+    def lookup(self, path: str) -> Node | None:
+        with self._lock:
+            if path == "":
+                root = self.overlay.get("")
+                return self._node_of_row(root) if root else self.lower.lookup("")
+            row = self.overlay.get(path)
+            if row is not None:
+                return self._node_of_row(row)
+            parent = paths.parent_of(path)
+            if parent and self.overlay.get(parent) is not None:
+                pn = self.lookup(parent)
+                if pn is None or not pn.is_dir:
+                    return None
+            return self._lower_node(path)
+
+    def listdir(self, path: str) -> list[Node]:
+        with self._lock:
+            node = self.lookup(path)
+            if node is None:
+                raise NoEntry(path)
+            if not node.is_dir:
+                raise NotADirectory(path)
+            out: dict[str, Node] = {}
+            lp = self.lower_path(path)
+            if lp is not None and self.lower.lookup(lp) is not None:
+                for n in self.lower.listdir(lp):
+                    child = paths.join(path, n.name)
+                    out[n.name] = Node(child, n.kind, n.size, n.mode, n.mtime_ns, n.version,
+                                       n.entry)
+            for row in self.overlay.children(path):
+                name = paths.name_of(row.path)
+                n = self._node_of_row(row)
+                if n is None:
+                    out.pop(name, None)
+                else:
+                    out[name] = n
+            return sorted(out.values(), key=lambda n: n.name)
+
+    def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
+        if node.upper:
+            with open(node.upper, "rb") as f:
+                return os.pread(f.fileno(), size, offset)
+        return self.lower.read(node, offset, size, hint)
+
+    def totals(self) -> tuple[int, int]:
+        return self.lower.totals() if hasattr(self.lower, "totals") else (0, 0)
+
+    # ---- changes -----------------------------------------------------------------------
+    def _require_dir(self, folder: str) -> None:
+        n = self.lookup(folder)
+        if n is None:
+            raise missing(self, folder)
+        if not n.is_dir:
+            raise NotADirectory(folder)
+
+    def _lower_has(self, path: str) -> bool:
+        """Whether the lower side has something at `path`, whatever the overlay says of
+        `path` itself (its folder's mapping still applies)."""
+        folder = self.lower_path(paths.parent_of(path)) if paths.parent_of(path) else ""
+        if folder is None:
+            return False
+        return self.lower.lookup(paths.join(folder, paths.name_of(path))) is not None
+
+    def _hide_or_drop(self, path: str) -> None:
+        """`path` no longer exists: a whiteout if the lower side has it, else no row."""
+        if self._lower_has(path):
+            self.overlay.put(Row(path, "w"))
+        else:
+            self.overlay.drop(path)
+
+    def _discard_upper(self, row: Row | None) -> None:
+        if row is not None and row.upper:
+            try:
+                os.unlink(self.overlay.upper_path(row.upper))
+            except FileNotFoundError:
+                pass
+
+    def create(self, path: str, mode: int, *, exclusive: bool = True) -> str:
+        """A new empty file; returns its upper file path."""
+        with self._lock:
+            self._require_dir(paths.parent_of(path))
+            existing = self.lookup(path)
+            if existing is not None:
+                if exclusive:
+                    raise Exists(path)
+                if existing.is_dir:
+                    raise IsADirectory(path)
+            old = self.overlay.get(path)
+            name = self.overlay.new_upper()
+            up = self.overlay.upper_path(name)
+            fd = os.open(up, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            os.close(fd)
+            os.chmod(up, stat_mod.S_IMODE(mode) or 0o644)
+            self.overlay.put(Row(path, FILE, upper=name))
+            self._discard_upper(old)
+            return up
+
+    def copy_up(self, path: str, *, keep_data: bool = True) -> str:
+        """Make `path` an upper file (fetching its lower bytes through the cache unless
+        the caller is about to truncate it) and return the upper file path."""
+        with self._lock:
+            n = self.lookup(path)
+            if n is None:
+                raise missing(self, path)
+            if n.is_dir:
+                raise IsADirectory(path)
+            if n.upper:
+                return n.upper
+            if n.kind == LINK:
+                raise NotPermitted(f"{path} is a symlink")
+            name = self.overlay.new_upper()
+            up = self.overlay.upper_path(name)
+            tmp = up + ".copying"
+            with open(tmp, "wb") as f:
+                off = 0
+                while keep_data and off < n.size:
+                    data = self.lower.read(n, off, min(COPY_BLOCK, n.size - off))
+                    if not data:
+                        break
+                    f.write(data)
+                    off += len(data)
+            os.chmod(tmp, (n.mode & 0o7777) or 0o644)
+            os.utime(tmp, ns=(n.mtime_ns, n.mtime_ns))
+            os.replace(tmp, up)
+            old = self.overlay.get(path)
+            origin = old.origin if old is not None else self.lower_path(path)
+            self.overlay.put(Row(path, FILE, upper=name, origin=origin))
+            return up
+
+    def unlink(self, path: str) -> None:
+        with self._lock:
+            n = self.lookup(path)
+            if n is None:
+                raise missing(self, path)
+            if n.is_dir:
+                raise IsADirectory(path)
+            self._discard_upper(self.overlay.get(path))
+            self._hide_or_drop(path)
+
+    def mkdir(self, path: str, mode: int) -> None:
+        with self._lock:
+            self._require_dir(paths.parent_of(path))
+            if self.lookup(path) is not None:
+                raise Exists(path)
+            hides_lower = self._lower_has(path)
+            self.overlay.put(Row(path, DIR, opaque=int(hides_lower),
+                                 mode=stat_mod.S_IMODE(mode) or 0o755,
+                                 mtime_ns=time.time_ns()))
+
+    def rmdir(self, path: str) -> None:
+        with self._lock:
+            n = self.lookup(path)
+            if n is None:
+                raise missing(self, path)
+            if not n.is_dir:
+                raise NotADirectory(path)
+            if path == "":
+                raise NotPermitted("cannot remove the root")
+            if self.listdir(path):
+                raise NotEmpty(path)
+            for row in self.overlay.under(path):   # whiteouts left inside
+                self.overlay.drop(row.path)
+            self._hide_or_drop(path)
+
+    def symlink(self, path: str, target: str) -> None:
+        with self._lock:
+            self._require_dir(paths.parent_of(path))
+            if self.lookup(path) is not None:
+                raise Exists(path)
+            self.overlay.put(Row(path, LINK, target=target, mtime_ns=time.time_ns()))
+
+    def rename(self, old: str, new: str) -> None:
+        with self._lock:
+            src = self.lookup(old)
+            if src is None:
+                raise missing(self, old)
+            self._require_dir(paths.parent_of(new))
+            if paths.is_under(new, old) and new != old:
+                raise InvalidArgument(f"cannot move {old} into itself")
+            if paths.is_under(old, new) and new != old:
+                raise NotEmpty(new)   # onto one of its own ancestors (Linux says ENOTEMPTY)
+            if old == new:
+                return
+            dst = self.lookup(new)
+            if dst is not None:
+                if dst.is_dir and not src.is_dir:
+                    raise IsADirectory(new)
+                if src.is_dir and not dst.is_dir:
+                    raise NotADirectory(new)
+                if dst.is_dir and self.listdir(new):
+                    raise NotEmpty(new)
+                self._discard_upper(self.overlay.get(new))
+                for row in self.overlay.under(new):
+                    self.overlay.drop(row.path)
+            if src.is_dir:
+                self._rename_dir(old, new, src)
+            else:
+                self._rename_file(old, new, src)
+
+    def _rename_file(self, old: str, new: str, src: Node) -> None:
+        # an upper file keeps its bytes; a lower file keeps pointing at the same blobs
+        # (no copy-up): either way the row travels to the new path
+        moved = _with(self._meta_row(old), path=new)
+        self.overlay.drop(old)
+        self._hide_or_drop(old)
+        self.overlay.put(moved)
+
+    def _rename_dir(self, old: str, new: str, src: Node) -> None:
+        lower_src = self.lower_path(old)
+        has_lower = lower_src is not None and self.lower.lookup(lower_src) is not None
+        row = self.overlay.get(old)
+        inner = self.overlay.under(old)
+        for r in inner:
+            self.overlay.drop(r.path)
+        self.overlay.drop(old)
+        self._hide_or_drop(old)
+        mode = row.mode if row is not None and row.mode is not None else src.mode
+        self.overlay.put(Row(new, DIR, redirect=lower_src if has_lower else None,
+                             opaque=0 if has_lower else 1, mode=mode,
+                             mtime_ns=src.mtime_ns, origin=lower_src if has_lower else None))
+        for r in inner:
+            self.overlay.put(Row(new + r.path[len(old):], r.kind, r.upper, r.lower,
+                                 r.redirect, r.opaque, r.mode, r.mtime_ns, r.target, r.origin))
+
+    def _meta_row(self, path: str) -> Row:
+        """A journal row for `path` that can carry mode/mtime without copying data up."""
+        n = self.lookup(path)
+        if n is None:
+            raise missing(self, path)
+        row = self.overlay.get(path)
+        if row is not None:
+            return row
+        if n.is_dir:
+            return Row(path, DIR, mode=n.mode, mtime_ns=n.mtime_ns)
+        if n.kind == LINK:
+            return Row(path, LINK, target=n.entry.target, mtime_ns=n.mtime_ns,
+                       origin=self.lower_path(path))
+        return Row(path, n.kind, lower=_entry_json(n.entry), mode=n.mode,
+                   mtime_ns=n.mtime_ns, origin=self.lower_path(path))
+
+    def chmod(self, path: str, mode: int) -> None:
+        with self._lock:
+            row = self._meta_row(path)
+            if row.upper:
+                os.chmod(self.overlay.upper_path(row.upper), stat_mod.S_IMODE(mode))
+            elif row.kind != LINK:
+                self.overlay.put(_with(row, mode=stat_mod.S_IMODE(mode)))
+
+    def utimens(self, path: str, mtime_ns: int) -> None:
+        with self._lock:
+            row = self._meta_row(path)
+            if row.upper:
+                up = self.overlay.upper_path(row.upper)
+                os.utime(up, ns=(os.stat(up).st_atime_ns, mtime_ns))
+            else:
+                self.overlay.put(_with(row, mtime_ns=mtime_ns))
+
+    def truncate(self, path: str, length: int) -> str:
+        with self._lock:
+            up = self.copy_up(path, keep_data=length > 0)
+            os.truncate(up, length)
+            return up
+
+
+def _with(row: Row, **changes) -> Row:
+    d = asdict(row)
+    d.update(changes)
+    return Row(**d)
