@@ -26,6 +26,7 @@ from strata.storage.errors import Corrupt
 
 READ_BLOCK = 1 << 20
 UPLOAD_WORKERS = max(4, (os.cpu_count() or 2) * 2)
+PACK_MAX_FILES = 4096   # also cap packs by count, so many tiny files build in parallel
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +157,7 @@ def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],
                 pack.append(s)
                 pack_bytes += s.size
                 in_flight.add(s.sha256)
-                if pack_bytes >= repo.pack_size:
+                if pack_bytes >= repo.pack_size or len(pack) >= PACK_MAX_FILES:
                     pending.add(pool.submit(_upload_pack, repo, pack, progress))
                     pack, pack_bytes = [], 0
             drain(max_pending)
@@ -206,7 +207,7 @@ def _upload_pack(repo, members: list[Staged], progress: Progress) -> list[Placed
         offsets.append(where[s.sha256])
         progress.advance(s.size)
     blob = hashlib.sha256(buf).hexdigest()
-    new = len(buf) if repo.put_blob(blob, bytes(buf)) else 0
+    new = len(buf) if repo.put_blob(blob, buf) else 0
     return [Placed(s.path, s.sha256, blob, off, None, new if i == 0 else 0)
             for i, (s, off) in enumerate(zip(members, offsets))]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from strata.catalog import blobs, config, layout, paths
+from strata.catalog.sources import Candidate, collect, patterns_of
 from strata.catalog import draft as drafts
 from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, SourceMissing,
                                    UnknownVersion, WrongState)
@@ -30,19 +31,7 @@ from strata.catalog.records import VersionRecord, bump_patch, check_label, highe
 from strata.catalog.repo import Repository
 from strata.storage.errors import PreconditionFailed
 
-HASH_WORKERS = max(2, min(8, (os.cpu_count() or 2) * 2))
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A local file system object about to be staged at dataset path `path`."""
-    path: str
-    source: str
-    kind: str          # 'f' file, 'l' symlink, 'd' empty directory
-    size: int
-    mode: int
-    mtime_ns: int
-    target: str | None = None
+HASH_WORKERS = max(2, os.cpu_count() or 2)   # hashing is CPU-bound: one per core
 
 
 _repos: dict[str, Repository] = {}
@@ -249,7 +238,7 @@ class Dataset:
         d = self._require_draft("add files")
         prefix = paths.clean(dataset_path or "", allow_root=True, what="dataset_path")
         urls = [source_url] if isinstance(source_url, str) else list(source_url)
-        patterns = _patterns(wildcard)
+        patterns = patterns_of(wildcard)
         rows = []
         now = time.time_ns()
         for url in urls:
@@ -337,9 +326,11 @@ class Dataset:
         hidden = set(d.removed())
         rows, dirs, to_hash = [], [], []
         added = modified = 0
+        all_dirs = None
         for c in cands:
             if c.kind == "d":
-                if c.path not in view.all_dirs():
+                all_dirs = view.all_dirs() if all_dirs is None else all_dirs
+                if c.path not in all_dirs:
                     dirs.append((c.path, c.mode, c.mtime_ns))
                 continue
             if c.kind == "l":
@@ -358,16 +349,22 @@ class Dataset:
         progress.start("hashing", sum(c.size for c in to_hash))
         chunk = self.repo.chunk_size
 
-        def digest(c: Candidate):
-            try:
-                h = blobs.hash_file(c.source, chunk)
-            except FileNotFoundError:
-                raise SourceMissing(f"{c.source} vanished while it was being added") from None
-            progress.advance(h.size)
-            return c, h
+        def digest(batch: list[Candidate]):
+            out = []
+            for c in batch:
+                try:
+                    h = blobs.hash_file(c.source, chunk)
+                except FileNotFoundError:
+                    raise SourceMissing(f"{c.source} vanished while it was being added") \
+                        from None
+                out.append((c, h))
+            progress.advance(sum(h.size for _, h in out))
+            return out
 
         with ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="strata-hash") as pool:
-            for c, h in pool.map(digest, to_hash):
+            results = (pair for batch in pool.map(digest, _batches(to_hash))
+                       for pair in batch)
+            for c, h in results:
                 cur = view.files.get(c.path)
                 pe = parent.files.get(c.path)
                 if (pe is not None and pe.kind == "f" and pe.sha256 == h.sha256
@@ -404,9 +401,9 @@ class Dataset:
         for e in self.parent_view().files.values():
             if e.pack and e.sha256:
                 dedup.setdefault(e.sha256, (e.pack, e.offset))
-        for e in d.entries():
-            if e.pack and e.sha256:
-                dedup.setdefault(e.sha256, (e.pack, e.offset))
+        for sha, pack, offset in d.db.execute(
+                "SELECT sha256, pack, offset FROM entries WHERE pack IS NOT NULL"):
+            dedup.setdefault(sha, (pack, offset))
         progress.start("uploading", sum(s.size for s in todo))
         try:
             written = blobs.upload(self.repo, todo, dedup=dedup, on_placed=d.place,
@@ -445,7 +442,8 @@ class Dataset:
         sha = self.repo.put_manifest(self.id, local)
         os.unlink(local)
         parent = self.parent_view()
-        view = self.view()
+        view = parent.copy()
+        view.apply(d.removed(), entries, d.dirs())
         added = sum(1 for e in entries if e.path not in parent.files)
         modified = sum(1 for e in entries if e.path in parent.files)
         removed = sum(1 for p in parent.files if p not in view.files)
@@ -698,6 +696,21 @@ def _user() -> str:
         return ""
 
 
+def _batches(cands: list[Candidate], max_files: int = 512, max_bytes: int = 16 << 20):
+    """Hashing work in batches: one task per large file, small files grouped, so a tree
+    of many tiny files does not pay one thread hand-off per file."""
+    batch: list[Candidate] = []
+    size = 0
+    for c in cands:
+        batch.append(c)
+        size += c.size
+        if len(batch) >= max_files or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 def _check_json(value: Any) -> None:
     try:
         json.dumps(value)
@@ -731,12 +744,6 @@ def _match_removal(view: MergedView, raw: str, recursive: bool) -> tuple[list[st
     return [], None
 
 
-def _patterns(wildcard) -> list[str]:
-    if not wildcard:
-        return []
-    return [wildcard] if isinstance(wildcard, str) else list(wildcard)
-
-
 def _local_drafts(repo_url: str, project: str, name: str) -> Iterable[drafts.Draft]:
     folder = drafts.drafts_dir()
     if not folder.exists():
@@ -753,84 +760,3 @@ def _local_drafts(repo_url: str, project: str, name: str) -> Iterable[drafts.Dra
             d.close()
     found.sort(key=lambda t: t[0], reverse=True)
     return [d for _, d in found]
-
-
-def collect(source: str, prefix: str, *, recursive: bool, wildcard,
-            as_folder: bool = False) -> list[Candidate]:
-    """What `add_files(source)` would stage: files, symlinks and empty folders, with their
-    dataset paths. A symlink is kept as a symlink when its target is relative and stays
-    inside the folder being added (rsync's notion of a safe link); others are followed."""
-    src = os.path.abspath(source)
-    try:
-        st = os.stat(src)
-    except FileNotFoundError:
-        raise SourceMissing(f"{source} does not exist") from None
-    except PermissionError:
-        raise SourceMissing(f"{source} cannot be read (permission denied)") from None
-    patterns = _patterns(wildcard)
-    out: list[Candidate] = []
-    if not os.path.isdir(src):
-        if as_folder:
-            raise SourceMissing(f"{source} is not a folder")
-        rel = paths.clean(os.path.basename(src), what="file name")
-        out.append(_candidate(paths.join(prefix, rel), src, st))
-        return out
-    root = src
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
-        names = sorted(filenames)
-        # os.walk lists symlinks to folders among dirnames; treat them like file entries
-        for dn in list(dirnames):
-            if os.path.islink(os.path.join(dirpath, dn)):
-                dirnames.remove(dn)
-                names.append(dn)
-        kept_any = False
-        for fn in sorted(names):
-            full = os.path.join(dirpath, fn)
-            rel = paths.join(rel_dir, fn)
-            if patterns and not any(paths.matches(rel, p, recursive=recursive)
-                                    for p in patterns):
-                continue
-            c = _walk_entry(full, rel, root, prefix)
-            if c is not None:
-                out.append(c)
-                kept_any = True
-        if not dirnames and not filenames and rel_dir and not patterns:
-            dst = os.lstat(dirpath)
-            out.append(Candidate(paths.join(prefix, rel_dir), dirpath, "d", 0,
-                                 dst.st_mode & 0o7777, dst.st_mtime_ns))
-        if not recursive:
-            dirnames.clear()
-        del kept_any
-    return out
-
-
-def _walk_entry(full: str, rel: str, root: str, prefix: str) -> Candidate | None:
-    dest = paths.join(prefix, paths.clean(rel, what="file name"))
-    try:
-        lst = os.lstat(full)
-    except FileNotFoundError:
-        return None
-    if os.path.islink(full):
-        target = os.readlink(full)
-        inside = (not os.path.isabs(target)
-                  and os.path.realpath(os.path.join(os.path.dirname(full), target))
-                  .startswith(os.path.realpath(root) + os.sep))
-        if inside:
-            return Candidate(dest, full, "l", 0, 0o777, lst.st_mtime_ns, target)
-        try:
-            st = os.stat(full)
-        except FileNotFoundError:
-            return None  # dangling link pointing outside: nothing to store
-        if os.path.isdir(full):
-            return None
-        return _candidate(dest, full, st)
-    if not os.path.isfile(full):
-        return None  # sockets, fifos, devices
-    return _candidate(dest, full, lst)
-
-
-def _candidate(dest: str, src: str, st: os.stat_result) -> Candidate:
-    return Candidate(dest, src, "f", st.st_size, st.st_mode & 0o7777, st.st_mtime_ns)

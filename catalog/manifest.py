@@ -34,12 +34,15 @@ CREATE TABLE files(
     path TEXT PRIMARY KEY, parent TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     size INTEGER NOT NULL, sha256 TEXT, mode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,
     pack TEXT, offset INTEGER NOT NULL DEFAULT 0, chunks BLOB, target TEXT);
-CREATE INDEX files_parent ON files(parent, name);
 CREATE TABLE dirs(path TEXT PRIMARY KEY, parent TEXT NOT NULL, name TEXT NOT NULL,
     mode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, explicit INTEGER NOT NULL)
     WITHOUT ROWID;
-CREATE INDEX dirs_parent ON dirs(parent, name);
 CREATE TABLE removed(path TEXT PRIMARY KEY) WITHOUT ROWID;
+"""
+# built after the bulk insert: cheaper than maintaining them row by row
+INDEXES = """
+CREATE INDEX files_parent ON files(parent, name);
+CREATE INDEX dirs_parent ON dirs(parent, name);
 """
 
 FILE_COLUMNS = "path, kind, size, sha256, mode, mtime_ns, pack, offset, chunks, target"
@@ -127,6 +130,7 @@ def write(path: str, version_id: str, files: Iterable[Entry], removed: Iterable[
                        [(d.path, paths.parent_of(d.path), paths.name_of(d.path), d.mode,
                          d.mtime_ns, int(d.explicit)) for d in dirs.values()])
         db.executemany("INSERT INTO removed VALUES (?)", [(r,) for r in removed])
+        db.executescript(INDEXES)
         db.commit()
     finally:
         db.close()
