@@ -11,6 +11,7 @@ tell a live mount from one left by a killed process.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import logging
@@ -144,9 +145,13 @@ def clean_stale(mountpoint: str) -> str | None:
     info = registered(mountpoint)
     stale = False
     try:
-        os.stat(mountpoint)
+        # statfs, not stat: the kernel answers stat of a dead mount's root from attributes
+        # it cached (our attr_timeout is an hour), but always asks the server for statfs
+        os.statvfs(mountpoint)
     except OSError as e:
-        if e.errno == 107:  # ENOTCONN: "Transport endpoint is not connected"
+        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED when the request
+        # was queued while the dying server's threads were still closing /dev/fuse
+        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
             stale = True
     if info is not None and not _alive(info.pid):
         stale = True

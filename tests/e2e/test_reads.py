@@ -1,0 +1,200 @@
+"""Reading file bytes through real mounts: concurrent random readers, two mounts sharing one
+cache, a corrupted blob, and eviction under a small cache limit."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from strata.catalog.dataset import Dataset
+from tests.e2e.conftest import (CHUNK, READY, cached_units, index_rows, snapshot, strata,
+                                wait_for)
+
+
+def entry(repo_url, version_id, path):
+    ds = Dataset.get(version_id, repo=repo_url)
+    return ds.view().files[path]
+
+
+def test_16_threads_read_random_offsets(build, mounts):
+    rng = random.Random(5)
+    files = {"a.bin": rng.randbytes(CHUNK * 12 + 333), "d/b.bin": rng.randbytes(CHUNK * 9),
+             "small.txt": b"small\n" * 100}
+    vid = build.version(files)
+    mnt = mounts.folder()
+    mounts.start(vid, build.repo_url)
+    errors = []
+
+    def reader(seed: int) -> int:
+        r = random.Random(seed)
+        done = 0
+        fds = {p: os.open(mnt / p, os.O_RDONLY) for p in files}
+        try:
+            for _ in range(40):
+                p = r.choice(list(files))
+                data = files[p]
+                size = r.choice([1, 4096, 65536, CHUNK, CHUNK + 4097, 3 * CHUNK])
+                offset = r.randrange(0, len(data) + 100)   # some reads start past the end
+                got = os.pread(fds[p], size, offset)
+                if got != data[offset:offset + size]:
+                    errors.append((p, offset, size, len(got)))
+                done += len(got)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+        return done
+
+    with ThreadPoolExecutor(16) as pool:
+        total = sum(pool.map(reader, range(16)))
+    assert not errors, errors[:5]
+    assert total > 0
+    # and whole files by real programs, against the source bytes
+    for p, data in files.items():
+        out = subprocess.run(["sha256sum", str(mnt / p)], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.split()[0] == hashlib.sha256(data).hexdigest()
+    cached_units()  # every unit in the cache hashes to its name
+
+
+def test_two_mounts_share_one_cache(build, mounts):
+    rng = random.Random(6)
+    shared = rng.randbytes(CHUNK * 6 + 10)   # seven chunks
+    v1 = build.version({"shared.bin": shared, "same.txt": b"in both versions\n",
+                        "one.txt": b"only in v1\n"})
+    v2 = build.version({"two.txt": b"only in v2\n", "one.txt": b"changed in v2\n"},
+                       parents=[v1])
+    m1, m2 = mounts.folder("m1"), mounts.folder("m2")
+    mounts.start(v1, build.repo_url, "m1")
+    mounts.start(v2, build.repo_url, "m2")
+    assert os.path.ismount(m1) and os.path.ismount(m2)
+
+    # read through m1, then through m2 with the blobs gone: m2 is served by the units m1
+    # fetched, so a file present in both versions is fetched and cached once
+    assert cached_units() == {}
+    assert (m1 / "shared.bin").read_bytes() == shared
+    assert (m1 / "same.txt").read_bytes() == b"in both versions\n"
+    fetched = cached_units()
+    assert set(fetched) == set(entry(build.repo_url, v1, "shared.bin").chunk_ids) | {
+        entry(build.repo_url, v1, "same.txt").sha256}
+    assert sorted(os.listdir(m2)) == ["one.txt", "same.txt", "shared.bin", "two.txt"]
+    blobs = os.path.join(build.repo_url, "blobs")
+    os.rename(blobs, blobs + ".away")
+    try:
+        assert (m2 / "shared.bin").read_bytes() == shared
+        assert (m2 / "same.txt").read_bytes() == b"in both versions\n"
+        with pytest.raises(OSError) as e:   # what was never cached needs the storage
+            (m2 / "two.txt").read_bytes()
+        assert e.value.errno == errno.EIO
+    finally:
+        os.rename(blobs + ".away", blobs)
+    assert cached_units() == fetched
+    assert (m2 / "two.txt").read_bytes() == b"only in v2\n"   # storage back: recovered
+
+    # both mounts read everything at the same time: right bytes, a consistent cache
+    with ThreadPoolExecutor(2) as pool:
+        s1, s2 = pool.map(snapshot, [m1, m2])
+    assert s1 == build.expected(v1) and s2 == build.expected(v2)
+    units = cached_units()
+    assert set(fetched) <= set(units) and len(units) == len(fetched) + 3
+    assert index_rows() == units   # index and folder agree: one row per unit, same sizes
+
+
+def corrupt(repo_url, blob_id, offset) -> None:
+    path = os.path.join(repo_url, "blobs", blob_id[:2], blob_id)
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_corrupted_blob_gives_eio_and_is_never_cached(build, mounts, tmp_path):
+    rng = random.Random(7)
+    big = rng.randbytes(CHUNK * 5 + 17)
+    files = {"big.bin": big, "small/good.txt": b"good\n" * 10,
+             "small/bad.txt": b"bad\n" * 10, "small/zz.txt": b"after the bad one\n"}
+    vid = build.version(files)
+    big_entry = entry(build.repo_url, vid, "big.bin")
+    bad_chunk = big_entry.chunk_ids[3]
+    corrupt(build.repo_url, bad_chunk, 1000)
+    bad_small = entry(build.repo_url, vid, "small/bad.txt")
+    corrupt(build.repo_url, bad_small.pack, bad_small.offset + 5)
+
+    mnt = mounts.folder()
+    info = mounts.start(vid, build.repo_url)
+    for path in ("big.bin", "small/bad.txt"):
+        with pytest.raises(OSError) as e:
+            (mnt / path).read_bytes()
+        assert e.value.errno == errno.EIO, path
+    # cp of the whole file fails too, with EIO, rather than copying wrong bytes
+    cp = subprocess.run(["cp", str(mnt / "big.bin"), str(tmp_path / "copy.bin")],
+                        capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    assert cp.returncode != 0 and "Input/output error" in cp.stderr
+    # the mount stays up: other files, and the good chunks of the damaged file, read fine
+    assert os.path.ismount(mnt)
+    assert (mnt / "small/good.txt").read_bytes() == files["small/good.txt"]
+    assert (mnt / "small/zz.txt").read_bytes() == files["small/zz.txt"]
+    with open(mnt / "big.bin", "rb") as f:
+        f.seek(CHUNK)
+        assert f.read(CHUNK) == big[CHUNK:2 * CHUNK]
+        f.seek(4 * CHUNK)
+        assert f.read() == big[4 * CHUNK:]
+    # the log names the bad blobs; nothing corrupt is in the cache
+    def log_names_both():
+        text = Path(info.log).read_text()
+        return bad_small.pack in text and bad_chunk in text and text
+    log = wait_for(log_names_both, READY, "the log to name both bad blobs")
+    assert "corrupt" in log
+    units = cached_units()   # asserts every cached unit hashes to its name
+    assert bad_chunk not in units and bad_small.sha256 not in units
+    assert bad_chunk not in index_rows() and bad_small.sha256 not in index_rows()
+    assert hashlib.sha256(files["small/good.txt"]).hexdigest() in units
+
+
+def test_eviction_under_a_small_cache_limit(build, mounts):
+    rng = random.Random(8)
+    files = {f"f{i}.bin": rng.randbytes(CHUNK * 8 + i) for i in range(6)}   # ~12 MiB
+    vid = build.version(files)
+    mnt = mounts.folder()
+    limit = 2 << 20
+    run = strata("--repo", build.repo_url, "mount", "--id", vid, "--cache-size", "2M",
+                 str(mnt))
+    assert run.returncode == 0, run.stderr
+    peak = 0
+    done = threading.Event()
+
+    def watch():   # the index size sampled while the mount reads, not only in between
+        nonlocal peak
+        while not done.wait(0.01):
+            peak = max(peak, sum(index_rows().values()))
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for attempt in range(2):   # the second mount refetches what was evicted
+            for name, data in files.items():
+                out = subprocess.run(["sha256sum", str(mnt / name)], capture_output=True,
+                                     text=True, check=True)
+                assert out.stdout.split()[0] == hashlib.sha256(data).hexdigest(), name
+            assert strata("unmount", str(mnt)).returncode == 0
+            if attempt == 0:   # a new mount: a cold page cache, the same strata cache
+                run = strata("--repo", build.repo_url, "mount", "--id", vid,
+                             "--cache-size", "2M", str(mnt))
+                assert run.returncode == 0, run.stderr
+    finally:
+        done.set()
+        watcher.join()
+    # eviction runs every MiB stored; units being read (readahead included) are pinned
+    slack = (1 << 20) + 10 * CHUNK
+    assert peak <= limit + slack, peak
+    units = cached_units()
+    assert sum(units.values()) <= limit + slack
+    assert set(index_rows()) == set(units)
