@@ -73,12 +73,12 @@ class Draft:
     # ---- change-set ----------------------------------------------------------------
     def stage(self, rows: list[tuple]) -> None:
         """rows: (path, kind, source, size, sha256, mode, mtime_ns, chunks, target,
-        pack, offset, placed). Replaces earlier entries at the same paths and un-removes
-        the paths themselves."""
+        pack, offset, placed). Replaces earlier entries at the same paths. Removals stay:
+        the version's own entries apply after them, and a removed parent folder must
+        stay hidden under a file that replaces it."""
         with self.db:
             self.db.executemany(
                 "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
-            self.db.executemany("DELETE FROM removed WHERE path=?", [(r[0],) for r in rows])
 
     def unstage(self, paths: list[str]) -> None:
         with self.db:
@@ -100,7 +100,6 @@ class Draft:
     def add_dirs(self, dirs: list[tuple[str, int, int]]) -> None:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO dirs VALUES (?,?,?)", dirs)
-            self.db.executemany("DELETE FROM removed WHERE path=?", [(d[0],) for d in dirs])
 
     def entries(self) -> Iterator[Entry]:
         for r in self.db.execute(

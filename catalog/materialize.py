@@ -178,6 +178,10 @@ def mutable_copy(ds, target: str, *, overwrite: bool = False, part: int | None =
             if e.kind == "l":
                 full = tree.parent_ready(e.path)
                 os.symlink(e.target, full)
+        if part is None:  # folder modes last, deepest first: 0o500 must not block writes
+            for d in sorted(view.dirs.values(), key=lambda d: d.path.count("/"), reverse=True):
+                if d.mode & 0o7777:
+                    os.chmod(tree.path(d.path), d.mode & 0o7777)
     finally:
         progress.done()
     return target

@@ -1,0 +1,164 @@
+"""Commit of a writable session: random operations, then commit; the child version's
+tree equals the local model, renames upload nothing, writes during a commit go to the
+next overlay, and an interrupted commit retried produces exactly one child."""
+
+import os
+import shutil
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from strata.catalog import Dataset
+from strata.catalog import dataset as dataset_mod
+from strata.catalog.repo import Repository
+from strata.storage.cache import UnitCache
+from strata.vfs.core import Filesystem
+from strata.vfs.errors import MountError
+from strata.vfs.reader import Reader
+from strata.vfs.session import Session
+from tests.catalog.conftest import write
+from tests.vfs.conftest import CHUNK
+from tests.vfs.test_overlay_model import (BASE, follows_link, fs_apply, fs_tree, local_apply,
+                                          local_tree, op, outcome)
+
+
+class Env:
+    def __init__(self, base):
+        os.environ["XDG_DATA_HOME"] = str(base / "data")
+        os.environ["XDG_CACHE_HOME"] = str(base / "cache")
+        dataset_mod._repos.clear()
+        self.base = base
+        self.url = str(base / "repo")
+        Repository.open(self.url, create=True, chunk_size=CHUNK, pack_size=256 * 1024)
+        src = base / "src"
+        for rel, data in BASE.items():
+            write(src, rel, data)
+            os.chmod(src / rel, 0o644)
+        ds = Dataset.create("n", "p", repo=self.url)
+        ds.add_files(src)
+        ds.finalize(auto_upload=True)
+        self.version = ds.id
+        self.local = base / "local"
+        shutil.copytree(src, self.local, symlinks=True)
+        self.repo = Repository.open(self.url)
+        self.cache = UnitCache(base / "ucache", 1 << 30)
+        self.reader = Reader(self.repo, self.cache)
+
+    def session(self, version=None, name="ov"):
+        s = Session(self.repo, name, version or self.version, self.reader)
+        s.fs = Filesystem(s.build_view(), writable=True)
+        return s
+
+    def close(self):
+        self.reader.close()
+        self.cache.close()
+
+
+def child_tree(env, vid, name):
+    out = env.base / name
+    Dataset.get(vid, repo=env.url).get_mutable_local_copy(out)
+    return local_tree(str(out))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=st.lists(op, min_size=1, max_size=15))
+def test_commit_makes_a_child_equal_to_the_model(tmp_path_factory, ops):
+    env = Env(tmp_path_factory.mktemp("c"))
+    try:
+        s = env.session()
+        for o in ops:
+            if follows_link(str(env.local), o):
+                continue
+            outcome(lambda: local_apply(str(env.local), o))
+            outcome(lambda: fs_apply(s.fs, o))
+        expected = local_tree(str(env.local))
+        if s.live.is_empty():
+            with pytest.raises(MountError, match="nothing to commit"):
+                s.commit()
+            return
+        child = s.commit(description="model")
+        assert child.parents == [env.version]
+        assert child_tree(env, child.id, "out") == expected
+        assert fs_tree(s.fs) == expected            # the live mount now shows the child
+        assert s.status()["changes"] == []
+        again = env.session(child.id)               # a remount of the child: same tree
+        assert fs_tree(again.fs) == expected
+    finally:
+        env.close()
+
+
+def test_renames_upload_nothing_and_status_reports_them(tmp_path):
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        s.fs.rename("big", "big-renamed")
+        s.fs.rename("d", "folder")
+        s.fs.unlink("a")
+        changes = {(c["change"], c["path"], c.get("from")) for c in s.status()["changes"]}
+        assert changes == {("renamed", "big-renamed", "big"), ("renamed", "folder", "d"),
+                           ("removed", "a", None)}
+        child = s.commit()
+        assert child.record.uploaded_bytes == 0
+        assert sorted(child.list_files()) == ["big-renamed", "folder/e/z", "folder/x"]
+        assert s.fs.read_path("folder/e/z") == b"zed"
+    finally:
+        env.close()
+
+
+def test_writes_during_a_commit_go_to_the_next_overlay(tmp_path, monkeypatch):
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        fh = s.fs.create("first", 0o644)
+        s.fs.write(fh, 0, b"1")
+        s.fs.release(fh)
+        from strata.vfs import session as session_mod
+        real = session_mod.stage_changes
+
+        def stage_and_write(ds, changes, progress=None):
+            # another writer, while the commit is running
+            h = s.fs.create("second", 0o644)
+            s.fs.write(h, 0, b"2")
+            s.fs.release(h)
+            return real(ds, changes)
+
+        monkeypatch.setattr(session_mod, "stage_changes", stage_and_write)
+        child = s.commit()
+        assert child.list_files() == sorted(["a", "big", "d/e/z", "d/x", "first"])
+        assert [c["path"] for c in s.status()["changes"]] == ["second"]
+        assert s.fs.read_path("second") == b"2" and s.fs.read_path("first") == b"1"
+    finally:
+        env.close()
+
+
+def test_interrupted_commit_retried_gives_exactly_one_child(tmp_path, monkeypatch):
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        fh = s.fs.create("new", 0o644)
+        s.fs.write(fh, 0, b"x" * 1000)
+        s.fs.release(fh)
+        calls = {"n": 0}
+        real = Dataset.finalize
+
+        def crash_once(self, *a, **kw):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                real(self, *a, **kw)          # the child is final ...
+                raise KeyboardInterrupt       # ... but the session never hears of it
+            return real(self, *a, **kw)
+
+        monkeypatch.setattr(Dataset, "finalize", crash_once)
+        with pytest.raises(KeyboardInterrupt):
+            s.commit()
+        # the process dies; a new session (remount) resumes and finishes the commit
+        s2 = env.session()
+        assert s2.status()["committing"]
+        child = s2.commit()
+        from strata.catalog.ops import list_datasets
+        versions = list_datasets("p", repo=env.url)
+        assert [v["id"] for v in versions] == [env.version, child.id]
+        assert s2.fs.read_path("new") == b"x" * 1000
+    finally:
+        env.close()

@@ -1,0 +1,252 @@
+"""A writable mount's session: its overlays, pending-change status, commit and discard.
+
+State (workspace/overlays/<name>/state.json, replaced atomically):
+    repo, base (the version the overlay applies to), live (generation folder receiving
+    writes), frozen (generation being committed, or null), draft (the child version the
+    frozen generation is becoming, once created)
+
+Commit freezes the live generation and opens a new one on top before anything slow
+happens, so writes made during a commit go to the next overlay and are never lost.
+The frozen generation becomes a child version through strata.catalog (draft -> upload ->
+finalize); then the base moves to the child and the frozen generation is dropped. A
+crash at any step leaves a state from which the next commit (or remount) resumes, and
+the draft id recorded before finalizing makes a retried commit finish the same child.
+
+Concurrency: `_lock` serialises commit, discard and view swaps; file operations keep
+running against whichever view the filesystem core holds (swapped atomically).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from strata.catalog import config, paths
+from strata.catalog.changes import ChangeSet, open_child, stage_changes
+from strata.catalog.dataset import Dataset
+from strata.catalog.manifest import Entry
+from strata.vfs.errors import MountError
+from strata.vfs.overlay import Overlay, OverlayView
+from strata.vfs.views import DIR, LINK, VersionView
+
+
+def overlays_dir() -> Path:
+    return config.workspace_dir() / "overlays"
+
+
+def default_overlay_name(mountpoint: str) -> str:
+    real = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(mountpoint))),
+                        os.path.basename(os.path.abspath(mountpoint)))
+    return "mnt-" + hashlib.sha256(real.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Change:
+    kind: str          # 'A' added, 'M' modified, 'D' removed, 'R' renamed
+    path: str
+    origin: str | None = None   # for renames: the path it came from
+
+    def as_dict(self) -> dict:
+        d = {"change": {"A": "added", "M": "modified", "D": "removed",
+                        "R": "renamed"}[self.kind], "path": self.path}
+        if self.origin is not None:
+            d["from"] = self.origin
+        return d
+
+
+class Session:
+    def __init__(self, repo, name: str, version_id: str, reader):
+        self.repo = repo
+        self.reader = reader
+        self.folder = overlays_dir() / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self.state = self._load()
+        if self.state.get("repo") not in (None, repo.url):
+            raise MountError(f"overlay {name} belongs to repository {self.state['repo']}")
+        base = self.state.get("base")
+        if base and base != version_id and not self._pending(base):
+            base = None        # nothing pending: the overlay simply follows the new version
+        if base and base != version_id:
+            raise MountError(
+                f"overlay {name} holds pending changes on version {base}; mount that "
+                f"version (or commit/discard them) to use another one")
+        self.state.setdefault("live", 1)
+        self.state.update(repo=repo.url, base=version_id)
+        self._save()
+        self.fs = None   # the filesystem core whose view this session swaps
+
+    # ---- state -------------------------------------------------------------------------
+    def _load(self) -> dict:
+        try:
+            return json.loads((self.folder / "state.json").read_text())
+        except FileNotFoundError:
+            return {}
+
+    def _save(self) -> None:
+        tmp = self.folder / f".state.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.folder / "state.json")
+
+    def _generation(self, n: int) -> Overlay:
+        return Overlay(self.folder / f"g{n}")
+
+    def _pending(self, base: str) -> bool:
+        live = self.state.get("live")
+        if self.state.get("frozen"):
+            return True
+        if not live or not (self.folder / f"g{live}" / "journal.db").exists():
+            return False
+        o = self._generation(live)
+        try:
+            return not o.is_empty()
+        finally:
+            o.close()
+
+    # ---- views -------------------------------------------------------------------------
+    def build_view(self) -> OverlayView:
+        with self._lock:
+            base = VersionView(self.repo, self.state["base"], self.reader)
+            lower = base
+            if self.state.get("frozen"):
+                lower = OverlayView(base, self._generation(self.state["frozen"]))
+            self.live = self._generation(self.state["live"])
+            return OverlayView(lower, self.live)
+
+    def _swap(self) -> None:
+        view = self.build_view()
+        if self.fs is not None:
+            self.fs.view = view
+
+    # ---- status ------------------------------------------------------------------------
+    def status(self) -> dict:
+        with self._lock:
+            view = self.fs.view if self.fs is not None else self.build_view()
+            return {"base": self.state["base"], "committing": bool(self.state.get("frozen")),
+                    "changes": [c.as_dict() for c in changes_of(view)]}
+
+    # ---- commit / discard --------------------------------------------------------------
+    def commit(self, *, name=None, version=None, description=None, tags=None) -> Dataset:
+        with self._lock:
+            if not self.state.get("frozen"):
+                if self.live.is_empty():
+                    raise MountError("nothing to commit: the mount has no pending changes")
+                self.state["frozen"] = self.state["live"]
+                self.state["live"] = self.state["live"] + 1
+                self.state["draft"] = None
+                self._save()
+                self._swap()
+            frozen_view = OverlayView(VersionView(self.repo, self.state["base"], self.reader),
+                                      self._generation(self.state["frozen"]))
+            parent = Dataset.get(self.state["base"], repo=self.repo)
+            child = open_child(parent, draft_id=self.state.get("draft"), name=name,
+                               version=version, description=description, tags=tags)
+            if not child.is_final():
+                self.state["draft"] = child.id
+                self._save()
+                stage_changes(child, changeset_of(frozen_view))
+                child.finalize(auto_upload=True)
+            old = self.state["frozen"]
+            self.state.update(base=child.id, frozen=None, draft=None)
+            self._save()
+            self._swap()
+            shutil.rmtree(self.folder / f"g{old}", ignore_errors=True)
+            return child
+
+    def discard(self) -> int:
+        with self._lock:
+            if self.state.get("frozen"):
+                raise MountError("a commit is in progress; retry the commit first")
+            dropped = len(self.live.rows())
+            old = self.state["live"]
+            self.state["live"] = old + 1
+            self._save()
+            self._swap()
+            shutil.rmtree(self.folder / f"g{old}", ignore_errors=True)
+            return dropped
+
+
+# ---- reading an overlay as changes -------------------------------------------------------
+def _walk(view: OverlayView, folder: str, cs: ChangeSet) -> None:
+    """Everything visible under `folder`, as exact entries (a redirected or opaque folder
+    is committed by what it shows, not by its journal rows)."""
+    nodes = view.listdir(folder)
+    if not nodes:
+        n = view.lookup(folder)
+        cs.dirs.append((folder, n.mode, n.mtime_ns))
+    for n in nodes:
+        if n.kind == DIR:
+            _walk(view, n.path, cs)
+        elif n.kind == LINK:
+            cs.links.append((n.path, n.entry.target, n.mtime_ns))
+        elif n.upper:
+            cs.files.append((n.path, n.upper))
+        else:
+            cs.refs.append(_moved(n.entry, n.path, n.mode, n.mtime_ns))
+
+
+def _moved(e: Entry, path: str, mode: int, mtime_ns: int) -> Entry:
+    return Entry(path, e.kind, e.size, e.sha256, mode, mtime_ns, e.pack, e.offset, e.chunks,
+                 e.target)
+
+
+def changeset_of(view: OverlayView) -> ChangeSet:
+    cs = ChangeSet()
+    covered: list[str] = []   # folders committed by walking them
+    for row in view.overlay.rows():
+        if any(row.path.startswith(c + "/") for c in covered):
+            continue
+        if row.kind == "w":
+            cs.removed.append(row.path)
+        elif row.kind == DIR and (row.redirect is not None or row.opaque):
+            cs.removed.append(row.path)
+            _walk(view, row.path, cs)
+            covered.append(row.path)
+        elif row.kind == DIR:
+            if not view.listdir(row.path) or row.mode is not None:
+                n = view.lookup(row.path)
+                cs.dirs.append((row.path, n.mode, n.mtime_ns))
+        elif row.kind == LINK:
+            cs.links.append((row.path, row.target, row.mtime_ns or 0))
+        else:
+            n = view.lookup(row.path)
+            if n.upper:
+                cs.files.append((row.path, n.upper))
+            else:
+                cs.refs.append(_moved(n.entry, row.path, n.mode, n.mtime_ns))
+    # a folder emptied by removals is still there in the mount: keep it explicitly
+    for folder in {paths.parent_of(p) for p in cs.removed} - {""}:
+        n = view.lookup(folder)
+        if n is not None and n.is_dir and not view.listdir(folder):
+            cs.dirs.append((folder, n.mode, n.mtime_ns))
+    return cs
+
+
+def changes_of(view: OverlayView) -> list[Change]:
+    """Pending changes like `git status`: A added, M modified, D removed, R renamed."""
+    out = []
+    lower = view.lower
+    for row in view.overlay.rows():
+        if row.kind == "w":
+            out.append(Change("D", row.path))
+        elif row.kind == DIR:
+            if row.redirect is not None:
+                out.append(Change("R", row.path, row.redirect))
+            elif lower.lookup(row.path) is None or row.opaque:
+                out.append(Change("A", row.path + "/"))
+            else:
+                out.append(Change("M", row.path + "/"))
+        elif row.origin and row.origin != row.path:
+            out.append(Change("R", row.path, row.origin))
+        elif row.origin == row.path or lower.lookup(row.path) is not None:
+            out.append(Change("M", row.path))
+        else:
+            out.append(Change("A", row.path))
+    # a rename shows as R new <- old; its whiteout is not a separate removal
+    renamed_from = {c.origin for c in out if c.kind == "R"}
+    return [c for c in out if not (c.kind == "D" and c.path in renamed_from)]
