@@ -637,23 +637,44 @@ class Dataset:
         (the catalog layer does not import the mount layer above it)."""
         if not self.is_final():
             raise WrongState(f"version {self.id} is a draft; finalize it before mounting")
-        if writable:
-            raise BadArgument("writable mounts are not available yet")
-        args = ["mount", "--id", self.id, str(path)]
+        args = ["mount", "--id", self.id, str(path)] + (["--writable"] if writable else [])
         if cache_size:
             args += ["--cache-size", str(cache_size)]
         _run_cli(self.repo.url, args)
-        return MountHandle(self.repo.url, os.path.abspath(path), self.id)
+        return MountHandle(self.repo.url, os.path.abspath(path), self.id, writable)
 
 
 class MountHandle:
     """A live mount of a version (returned by `Dataset.mount`)."""
 
-    def __init__(self, repo_url: str, path: str, version_id: str):
+    def __init__(self, repo_url: str, path: str, version_id: str, writable: bool = False):
         self.repo_url = repo_url
         self.path = path
         self.version_id = version_id
+        self.writable = writable
         self.mounted = True
+
+    def status(self) -> list[dict]:
+        """Pending changes of a writable mount: dicts with change, path (and from)."""
+        import json
+        return json.loads(_run_cli(self.repo_url, ["status", "--json", self.path]))["changes"]
+
+    def commit(self, description: str | None = None, name: str | None = None,
+               version: str | None = None, tags: Sequence[str] | None = None) -> "Dataset":
+        """Commit the pending changes as a child version; the mount then shows it."""
+        args = ["commit", self.path]
+        for flag, value in (("--name", name), ("--version", version),
+                            ("--description", description)):
+            if value:
+                args += [flag, value]
+        if tags:
+            args += ["--tags", *tags]
+        child_id = _run_cli(self.repo_url, args).strip().splitlines()[-1]
+        self.version_id = child_id
+        return Dataset.get(child_id, repo=self.repo_url)
+
+    def discard(self) -> None:
+        _run_cli(self.repo_url, ["discard", self.path])
 
     def unmount(self) -> None:
         if self.mounted:

@@ -16,11 +16,13 @@ opens (keep_cache / kernel_cache) and caches attributes and entries for an hour.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import functools
 import logging
 import os
 import stat as stat_mod
+import time
 
 from strata.catalog.errors import CatalogError, InvalidPath
 from strata.storage.errors import (Corrupt, NotFound, PermissionDenied, StorageError,
@@ -105,8 +107,16 @@ class FuseOperations(mfusepy.Operations):
         self.on_ready = on_ready
 
     def init(self, path):
+        # the libfuse handle, for invalidating kernel caches after discard/commit
+        self.fuse_ptr = ctypes.c_void_p(mfusepy._libfuse.fuse_get_context().contents.fuse)
         if self.on_ready:
             self.on_ready()
+
+    def invalidate(self, path: str) -> None:
+        """Drop what the kernel cached of `path` (entry, attributes, pages)."""
+        ptr = getattr(self, "fuse_ptr", None)
+        if ptr is not None:
+            mfusepy._libfuse.fuse_invalidate_path(ptr, ("/" + path).encode())
 
     @_errno_boundary
     def getattr(self, path, fh=None):
@@ -150,21 +160,92 @@ class FuseOperations(mfusepy.Operations):
     def statfs(self, path):
         return self.fs.statfs()
 
+    # ---- writable mounts ---------------------------------------------------------------
+    @_errno_boundary
+    def create(self, path, mode, fi):
+        fi.fh = self.fs.create(_rel(path), mode, fi.flags)
+        return 0
+
+    @_errno_boundary
+    def write(self, path, data, offset, fi):
+        return self.fs.write(fi.fh, offset, data)
+
+    @_errno_boundary
+    def truncate(self, path, length, fh=None):
+        self.fs.truncate(_rel(path), length)
+        return 0
+
+    @_errno_boundary
+    def flush(self, path, fi):
+        return 0
+
+    @_errno_boundary
+    def fsync(self, path, datasync, fi):
+        self.fs.fsync(fi.fh)
+        return 0
+
+    @_errno_boundary
+    def unlink(self, path):
+        self.fs.unlink(_rel(path))
+        return 0
+
+    @_errno_boundary
+    def mkdir(self, path, mode):
+        self.fs.mkdir(_rel(path), mode)
+        return 0
+
+    @_errno_boundary
+    def rmdir(self, path):
+        self.fs.rmdir(_rel(path))
+        return 0
+
+    @_errno_boundary
+    def rename(self, old, new):
+        self.fs.rename(_rel(old), _rel(new))
+        return 0
+
+    @_errno_boundary
+    def symlink(self, target, source):
+        self.fs.symlink(_rel(target), source)
+        return 0
+
+    @_errno_boundary
+    def link(self, target, source):
+        self.fs.link(_rel(target), _rel(source))
+        return 0
+
+    @_errno_boundary
+    def chmod(self, path, mode):
+        self.fs.chmod(_rel(path), mode)
+        return 0
+
+    @_errno_boundary
+    def chown(self, path, uid, gid):
+        self.fs.chown(_rel(path), uid, gid)
+        return 0
+
+    @_errno_boundary
+    def utimens(self, path, times=None):
+        mtime = times[1] if times else time.time_ns()
+        self.fs.utimens(_rel(path), int(mtime))
+        return 0
+
 
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, foreground: bool = True,
-          on_ready=None, debug: bool = False) -> None:
+          on_ready=None, debug: bool = False, operations: FuseOperations | None = None) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted or signalled (libfuse
     turns SIGINT/SIGTERM/SIGHUP into a clean unmount)."""
     options = dict(fsname=fsname, subtype="strata", default_permissions=True,
                    max_idle_threads=16, foreground=foreground, debug=debug)
     if fs.writable:
-        options.update(attr_timeout=1.0, entry_timeout=1.0)
+        # short kernel caching: discard and commit invalidate what they change anyway
+        options.update(attr_timeout=1.0, entry_timeout=1.0, negative_timeout=0.0)
     else:
         options.update(ro=True, kernel_cache=True, attr_timeout=3600.0,
                        entry_timeout=3600.0, negative_timeout=3600.0)
     try:
-        mfusepy.FUSE(FuseOperations(fs, on_ready=on_ready), mountpoint, raw_fi=True,
-                     **options)
+        ops = operations or FuseOperations(fs, on_ready=on_ready)
+        mfusepy.FUSE(ops, mountpoint, raw_fi=True, **options)
     except RuntimeError as e:
         # fuse_main returns 8 when its loop ends with an error, and libfuse 3's signal
         # handler records the signal as that error: SIGINT/SIGTERM/SIGHUP come back as 8

@@ -47,6 +47,8 @@ class MountInfo:
     log: str
     writable: bool = False
     started: float = 0.0
+    overlay: str = ""
+    control: str = ""       # Unix socket of the server's control channel (writable mounts)
 
 
 # ---- registry -----------------------------------------------------------------------
@@ -60,6 +62,17 @@ def registered(mountpoint: str) -> MountInfo | None:
         return MountInfo(**json.loads(_registry_path(mountpoint).read_text()))
     except (FileNotFoundError, ValueError, TypeError):
         return None
+
+
+def _control_path(mountpoint: str) -> str:
+    """A short path for the control socket (Unix socket paths are limited to 108 bytes):
+    a private folder under the runtime dir, keyed like the registry entry."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    folder = os.path.join(base, f"strata-{os.getuid()}")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    os.chmod(folder, 0o700)
+    key = hashlib.sha256(f"{config.workspace_dir()}|{_real(mountpoint)}".encode()).hexdigest()
+    return os.path.join(folder, key[:20] + ".sock")
 
 
 def _register(info: MountInfo) -> None:
@@ -205,17 +218,28 @@ def check_mountpoint(mountpoint: str) -> None:
 
 def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
                      cache_size: int | None = None, log_path: str = "",
-                     debug: bool = False) -> None:
-    from strata.vfs.fuse import serve   # the only import of the FUSE binding
+                     debug: bool = False, writable: bool = False,
+                     overlay: str | None = None) -> None:
+    from strata.vfs.fuse import FuseOperations, serve   # the only import of the binding
     mountpoint = os.path.abspath(mountpoint)
     message = clean_stale(mountpoint)
     if message:
         log.warning("%s", message)
     check_mountpoint(mountpoint)
     fs, reader, cache = build(repo_url, version_id, cache_size=cache_size)
-    repo_url = fs.view.repo.url
-    info = MountInfo(mountpoint, os.getpid(), version_id, repo_url, log_path,
-                     started=time.time())
+    repo = fs.view.repo
+    session = server = None
+    control = ""
+    if writable:
+        from strata.vfs.session import Session, default_overlay_name
+        overlay = overlay or default_overlay_name(mountpoint)
+        session = Session(repo, overlay, version_id, reader)
+        fs = Filesystem(session.build_view(), writable=True)
+        session.fs = fs
+        control = _control_path(mountpoint)
+    info = MountInfo(mountpoint, os.getpid(), version_id, repo.url, log_path, writable,
+                     time.time(), overlay or "", control)
+    ops = FuseOperations(fs)
 
     def after_init() -> None:
         # the kernel applies the init reply's readahead after this callback returns, so
@@ -227,19 +251,64 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
         _raise_read_ahead(mountpoint)
 
     def ready() -> None:
+        nonlocal server
         threading.Thread(target=after_init, name="strata-readahead-setup",
                          daemon=True).start()
+        if session is not None:
+            server = _serve_control(control, session, ops)
         _register(info)
-        log.info("mounted version %s of %s at %s", version_id, repo_url, mountpoint)
+        log.info("mounted version %s of %s at %s%s", version_id, repo.url, mountpoint,
+                 f" (writable, overlay {overlay})" if writable else "")
 
+    ops.on_ready = ready
     try:
-        serve(fs, mountpoint, fsname=f"strata:{version_id[:12]}", on_ready=ready,
-              debug=debug)
+        serve(fs, mountpoint, fsname=f"strata:{version_id[:12]}", debug=debug,
+              operations=ops)
     finally:
+        if server is not None:
+            server.close()
+            try:
+                os.unlink(control)
+            except FileNotFoundError:
+                pass
         reader.close()
         cache.close()
         _unregister(mountpoint)
         log.info("unmounted %s", mountpoint)
+
+
+def _serve_control(path: str, session, ops):
+    from strata.vfs import control
+
+    def status() -> dict:
+        return session.status()
+
+    def commit(name=None, version=None, description=None, tags=None) -> dict:
+        child = session.commit(name=name, version=version, description=description,
+                               tags=tags)
+        return child.summary()
+
+    def discard() -> dict:
+        paths = [r.path for r in session.live.rows()]
+        dropped = session.discard()
+        for p in sorted(set(paths), key=lambda p: -p.count("/")):
+            ops.invalidate(p)
+        return {"discarded": dropped}
+
+    return control.serve(path, {"status": status, "commit": commit, "discard": discard})
+
+
+def control_call(mountpoint: str, op: str, **args) -> dict:
+    """Send a control request to the writable mount at `mountpoint`."""
+    from strata.vfs import control
+    mountpoint = os.path.abspath(mountpoint)
+    info = registered(mountpoint)
+    if info is None or not is_mounted(mountpoint):
+        raise MountError(f"{mountpoint} is not a strata mount")
+    if not info.writable or not info.control:
+        raise MountError(f"{mountpoint} is mounted read-only; mount it with --writable "
+                         "to change it")
+    return control.call(info.control, op, **args)
 
 
 def logs_dir() -> Path:
@@ -247,7 +316,8 @@ def logs_dir() -> Path:
 
 
 def start_background(repo_url: str | None, version_id: str, mountpoint: str, *,
-                     cache_size: int | None = None,
+                     cache_size: int | None = None, writable: bool = False,
+                     overlay: str | None = None,
                      timeout: float = READY_TIMEOUT) -> tuple[MountInfo, str | None]:
     """Start a mount server process and return once the mount is live.
     Returns (info, message about a cleaned stale mount or None)."""
@@ -263,6 +333,10 @@ def start_background(repo_url: str | None, version_id: str, mountpoint: str, *,
             "--log", log_path]
     if cache_size:
         args += ["--cache-size", str(cache_size)]
+    if writable:
+        args.append("--writable")
+    if overlay:
+        args += ["--overlay", overlay]
     args.append(mountpoint)
     with open(log_path, "ab") as logf:
         child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
@@ -323,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cache-size", type=int)
     p.add_argument("--log", default="")
     p.add_argument("--debug", action="store_true")
+    p.add_argument("--writable", action="store_true")
+    p.add_argument("--overlay")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
@@ -330,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         serve_foreground(a.repo, a.id, a.mountpoint, cache_size=a.cache_size,
-                         log_path=a.log, debug=a.debug)
+                         log_path=a.log, debug=a.debug, writable=a.writable,
+                         overlay=a.overlay)
     except Exception as e:  # noqa: BLE001 - the program boundary
         from strata.storage.errors import StrataError
         if isinstance(e, StrataError):
