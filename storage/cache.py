@@ -5,11 +5,13 @@ bytes) shared by every mount and command of a user (DESIGN.md, "The mount").
     index.db                SQLite (WAL): unit -> size, last access; shared by processes
 
 A unit is fetched through a caller-supplied function (the cache knows nothing of
-backends), checked against its name, refetched once on a mismatch, and only then written
-(temp file + rename). Bad bytes are never stored or returned.
+backends), checked against its name, refetched once on a mismatch, and only then handed
+out and written (temp file + rename). Bad bytes are never stored or returned.
 
 Concurrency model: `read` may be called from many threads. One fetch per unit at a time
-(singleflight): the first caller downloads, the others wait on its future. Units being
+(singleflight): the first caller downloads, the others wait on its future, which carries
+the verified bytes; the disk write happens afterwards on a small writer pool, and until
+it lands the unit is served from a bounded in-memory map (`_hot`). Units being
 read are pinned (a per-unit counter) and never evicted by this process; another process
 may unlink a unit we hold open, which Linux allows without disturbing our descriptor.
 Lock order: `_lock` (in-memory state) is never held while fetching, doing file I/O or
@@ -23,12 +25,16 @@ import os
 import sqlite3
 import threading
 import time
-from concurrent.futures import Future
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from strata.storage.errors import Corrupt
+
+log = logging.getLogger("strata.cache")
 
 TOUCH_INTERVAL = 30.0      # seconds between access-time updates of one unit in the index
 EVICT_BATCH = 256
@@ -56,6 +62,13 @@ class UnitCache:
         self._pins: dict[str, int] = {}
         self._touched: dict[str, float] = {}
         self._local = threading.local()
+        # verified units kept in memory: waiters are released before the disk write, and
+        # units not yet on disk stay here until they are (bounded by bytes otherwise)
+        self._hot: OrderedDict[str, bytes] = OrderedDict()
+        self._hot_bytes = 0
+        self._hot_limit = max(16 << 20, min(self.limit // 8, 256 << 20))
+        self._writing: set[str] = set()
+        self._writer = ThreadPoolExecutor(2, thread_name_prefix="strata-cache-writer")
         self._since_check = 0
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS units("
@@ -80,19 +93,35 @@ class UnitCache:
     def read(self, unit: str, offset: int, size: int, fetch: Callable[[], bytes],
              what: str = "") -> bytes:
         """`size` bytes at `offset` of the unit named `unit`, fetching it if absent."""
+        data = self._hot_get(unit)
+        if data is not None:
+            with self._lock:
+                self.stats.hits += 1
+            return data[offset:offset + size]
         with self.pinned(unit):
-            fd = self._open(unit, fetch, what)
             try:
+                fd = os.open(self.path_of(unit), os.O_RDONLY)
+            except FileNotFoundError:
+                return self._fetch_once(unit, fetch, what)[offset:offset + size]
+            try:
+                with self._lock:
+                    self.stats.hits += 1
+                self._touch(unit)
                 return os.pread(fd, size, offset)
             finally:
                 os.close(fd)
 
     def ensure(self, unit: str, fetch: Callable[[], bytes], what: str = "") -> None:
         """Make sure the unit is cached (used by readahead)."""
+        if self.contains(unit):
+            return
         with self.pinned(unit):
-            os.close(self._open(unit, fetch, what))
+            self._fetch_once(unit, fetch, what)
 
     def contains(self, unit: str) -> bool:
+        with self._lock:
+            if unit in self._hot or unit in self._writing:
+                return True
         return self.path_of(unit).exists()
 
     def pinned(self, unit: str):
@@ -112,16 +141,26 @@ class UnitCache:
                         del cache._pins[unit]
         return _Pin()
 
-    def _open(self, unit: str, fetch: Callable[[], bytes], what: str) -> int:
-        path = self.path_of(unit)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-            with self._lock:
-                self.stats.hits += 1
-            self._touch(unit)
-            return fd
-        except FileNotFoundError:
-            pass
+    # ---- fetching: one download per unit, verified, handed out from memory ------------
+    def _hot_get(self, unit: str) -> bytes | None:
+        with self._lock:
+            data = self._hot.get(unit)
+            if data is not None:
+                self._hot.move_to_end(unit)
+            return data
+
+    def _hot_put(self, unit: str, data: bytes) -> None:
+        with self._lock:
+            self._hot[unit] = data
+            self._hot_bytes += len(data)
+            for old in list(self._hot):
+                if self._hot_bytes <= self._hot_limit:
+                    break
+                if old == unit or old in self._writing:
+                    continue   # still on its way to disk: keep it servable
+                self._hot_bytes -= len(self._hot.pop(old))
+
+    def _fetch_once(self, unit: str, fetch: Callable[[], bytes], what: str) -> bytes:
         with self._lock:
             fut = self._inflight.get(unit)
             leader = fut is None
@@ -129,40 +168,60 @@ class UnitCache:
                 fut = Future()
                 self._inflight[unit] = fut
                 self.stats.misses += 1
-        if leader:
-            try:
-                # a previous leader may have stored it between our miss and our lead
-                if not path.exists():
-                    self._fetch_and_store(unit, fetch, what)
-                fut.set_result(None)
-            except BaseException as e:
-                fut.set_exception(e)
-                raise
-            finally:
-                with self._lock:
-                    self._inflight.pop(unit, None)
-        else:
-            fut.result()
+        if not leader:
+            return fut.result()
         try:
-            return os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            # evicted by another process between store and open: fetch again
-            return self._open(unit, fetch, what)
+            data = self._hot_get(unit)
+            if data is None:
+                try:   # a previous leader may have stored it between our miss and our lead
+                    with open(self.path_of(unit), "rb") as f:
+                        data = f.read()
+                except FileNotFoundError:
+                    data = self._fetch_verified(unit, fetch, what)
+                    with self._lock:
+                        self._writing.add(unit)
+                    self._hot_put(unit, data)
+                    # readers are served from memory now; the disk copy follows
+                    self._writer.submit(self._store_pending, unit, data)
+            fut.set_result(data)
+            return data
+        except BaseException as e:
+            fut.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(unit, None)
 
-    def _fetch_and_store(self, unit: str, fetch: Callable[[], bytes], what: str) -> None:
-        for attempt in range(2):
+    def _fetch_verified(self, unit: str, fetch: Callable[[], bytes], what: str) -> bytes:
+        for _ in range(2):
             data = fetch()
             with self._lock:
                 self.stats.fetches += 1
                 self.stats.bytes_fetched += len(data)
             if hashlib.sha256(data).hexdigest() == unit:
-                break
+                return data
             with self._lock:
                 self.stats.corrupt += 1
-        else:
-            raise Corrupt(what or unit, "corrupt bytes (sha256 mismatch after a refetch); "
-                                        "not served, not cached")
-        self.store(unit, data)
+        raise Corrupt(what or unit, "corrupt bytes (sha256 mismatch after a refetch); "
+                                    "not served, not cached")
+
+    def _store_pending(self, unit: str, data: bytes) -> None:
+        try:
+            self.store(unit, data)
+        except Exception as e:  # noqa: BLE001 - a full disk must not break reads
+            log.warning("could not cache unit %s: %s", unit, e)
+        finally:
+            with self._lock:
+                self._writing.discard(unit)
+
+    def flush(self) -> None:
+        """Wait until every fetched unit is on disk."""
+        self._writer.submit(lambda: None).result()
+        while True:
+            with self._lock:
+                if not self._writing:
+                    return
+            self._writer.submit(lambda: None).result()
 
     def store(self, unit: str, data: bytes) -> None:
         """Write a verified unit (the caller has checked its hash)."""
@@ -218,10 +277,14 @@ class UnitCache:
                 if total - freed <= limit:
                     break
                 with self._lock:
-                    if unit in self._pins or unit in self._inflight:
+                    if unit in self._pins or unit in self._inflight or unit in self._writing:
                         skip.add(unit)
                         continue
                 db.execute("DELETE FROM units WHERE id=?", (unit,))
+                with self._lock:
+                    data = self._hot.pop(unit, None)
+                    if data is not None:
+                        self._hot_bytes -= len(data)
                 try:
                     os.unlink(self.path_of(unit))
                 except FileNotFoundError:
@@ -256,6 +319,7 @@ class UnitCache:
         return len(added), len(dropped)
 
     def close(self) -> None:
+        self._writer.shutdown(wait=True)
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()

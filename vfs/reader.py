@@ -64,11 +64,11 @@ class Reader:
             self._readahead(entry, offset, size, stream)
         parts = []
         end = offset + size
-        ids = entry.chunk_ids
+        chunks = entry.chunks
         while offset < end:
             idx, within = divmod(offset, self.chunk_size)
             n = min(end - offset, self.chunk_size - within)
-            cid = ids[idx]
+            cid = chunks[idx * 32:idx * 32 + 32].hex()
             parts.append(self.cache.read(cid, within, n, self._fetcher(cid),
                                          f"chunk {cid} of {entry.path}"))
             offset += n
@@ -79,23 +79,26 @@ class Reader:
 
     def _readahead(self, entry: Entry, offset: int, size: int, s: Stream) -> None:
         with s.lock:
-            if offset == s.next_offset and offset > 0:
+            # the kernel's readahead issues requests a few at a time and they can arrive
+            # slightly out of order: anything near where the stream is counts as sequential
+            near = abs(offset - s.next_offset) <= self.chunk_size
+            if near:
                 s.window = min(max(1, s.window * 2), self.max_window)
-            elif offset != s.next_offset:
+            else:
                 s.window = 0
                 s.ahead_until = 0
-            s.next_offset = offset + size
+            s.next_offset = max(s.next_offset, offset + size) if near else offset + size
             if not s.window:
                 return
-            ids = entry.chunk_ids
+            count = len(entry.chunks) // 32
             current = (offset + size - 1) // self.chunk_size
             first = max(current + 1, s.ahead_until)
-            last = min(current + s.window, len(ids) - 1)
+            last = min(current + s.window, count - 1)
             if first > last:
                 return
             s.ahead_until = last + 1
         for idx in range(first, last + 1):
-            cid = ids[idx]
+            cid = entry.chunks[idx * 32:idx * 32 + 32].hex()
             with self._lock:
                 if cid in self._scheduled or len(self._scheduled) >= self._max_pending:
                     continue

@@ -7,6 +7,7 @@ import errno
 import hashlib
 import os
 import random
+import time
 import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -81,9 +82,14 @@ def test_two_mounts_share_one_cache(build, mounts):
     assert cached_units() == {}
     assert (m1 / "shared.bin").read_bytes() == shared
     assert (m1 / "same.txt").read_bytes() == b"in both versions\n"
-    fetched = cached_units()
-    assert set(fetched) == set(entry(build.repo_url, v1, "shared.bin").chunk_ids) | {
+    wanted = set(entry(build.repo_url, v1, "shared.bin").chunk_ids) | {
         entry(build.repo_url, v1, "same.txt").sha256}
+    # units are served from memory first and reach the disk right after: wait for them
+    deadline = time.monotonic() + 30
+    while set(cached_units()) != wanted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    fetched = cached_units()
+    assert set(fetched) == wanted
     assert sorted(os.listdir(m2)) == ["one.txt", "same.txt", "shared.bin", "two.txt"]
     blobs = os.path.join(build.repo_url, "blobs")
     os.rename(blobs, blobs + ".away")
@@ -102,6 +108,9 @@ def test_two_mounts_share_one_cache(build, mounts):
     with ThreadPoolExecutor(2) as pool:
         s1, s2 = pool.map(snapshot, [m1, m2])
     assert s1 == build.expected(v1) and s2 == build.expected(v2)
+    deadline = time.monotonic() + 30
+    while len(cached_units()) < len(fetched) + 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
     units = cached_units()
     assert set(fetched) <= set(units) and len(units) == len(fetched) + 3
     assert index_rows() == units   # index and folder agree: one row per unit, same sizes

@@ -74,6 +74,7 @@ def test_a_file_shared_by_versions_is_cached_once(repo_url, tmp_path, mounted):
     b = make(repo_url, tmp_path, {"renamed": shared}, parents=[a.id])
     ma = mounted(repo_url, a.id)
     assert ma.fs.read_path("same") == shared
+    ma.cache.flush()                       # the unit is on disk for other processes now
     mb = mounted(repo_url, b.id)
     assert mb.fs.read_path("renamed") == shared
     assert mb.fs.read_path("same") == shared
@@ -161,7 +162,8 @@ def test_failing_storage_gives_bounded_retries_then_an_error(repo_url, tmp_path,
     with pytest.raises(Unreachable):
         m.fs.read_path("big", 0, 10)
     assert time.monotonic() - start < 5
-    assert faulty["f"].calls["read"] == 4
+    # 4 attempts for the chunk read, and at most 4 for the one readahead scheduled
+    assert faulty["f"].calls["read"] in (4, 8)
     faulty["f"].failures = 0                         # the store heals: reads work again
     assert m.fs.read_path("big", 0, 10) == data[:10]
 
@@ -173,6 +175,8 @@ def test_eviction_keeps_the_cache_near_its_limit(repo_url, tmp_path, mounted):
     m = mounted(repo_url, ds.id, limit=limit)
     for off in range(0, len(data), CHUNK):
         assert m.fs.read_path("big", off, CHUNK) == data[off:off + CHUNK]
+    m.cache.flush()
+    m.cache.evict()
     units, used = m.cache.usage()
     assert used <= limit + CHUNK * 2 and m.cache.stats.evicted >= 30
     assert m.fs.read_path("big", 0, 100) == data[:100]    # evicted units come back
@@ -185,10 +189,12 @@ def test_pinned_units_survive_eviction(tmp_path):
     unit = hashlib.sha256(data).hexdigest()
     with cache.pinned(unit):
         cache.ensure(unit, lambda: data)
+        cache.flush()
         cache.evict()
-        assert cache.contains(unit)
+        assert cache.path_of(unit).exists()
     cache.evict()
     assert not cache.contains(unit)
+    cache.close()
 
 
 def test_posix_errors_of_the_core(repo_url, tmp_path, mounted):

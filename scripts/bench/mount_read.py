@@ -1,0 +1,1076 @@
+#!/usr/bin/env python3
+"""Mount read benchmark (issue 3): reads through a strata FUSE mount against baselines
+measured in the same run.
+
+    python scripts/bench/mount_read.py --quick                 # scaled down, ~3 min
+    python scripts/bench/mount_read.py --out mount.json        # full run, ~10 min (root)
+    python scripts/bench/mount_read.py --only 2,3 --pyspy /tmp/prof   # some figures, profiled
+
+Everything runs in a private work folder: XDG_DATA_HOME, XDG_CACHE_HOME and XDG_CONFIG_HOME
+point under it before strata is imported, STRATA_* variables are cleared and the AWS
+variables point at a private s3rver, so nothing of the user's own repository, cache, config
+or AWS profile is read or touched. Page caches are dropped with
+`echo 3 > /proc/sys/vm/drop_caches` (root only; without root those rows say so).
+
+Figures (docs/performance.md, "Mount reads (issue 3)"):
+  1. time to first byte of one file of a 2 GiB version (local-folder repository):
+     `strata mount` + open + read 4 KiB, strata cache and page cache cold, vs
+     `strata get --copy` of the whole version (same cold start). Target >= 100x.
+  2. cold sequential read (1 MiB reads) of a 1 GiB file of a version stored in S3 (s3rver
+     on 127.0.0.1, repository s3://bench/strata) through a fresh mount with an empty
+     strata cache, vs boto3 download_fileobj of the same bytes stored as one object
+     (8 threads x 8 MiB parts, strata's readahead concurrency); target >= 0.8x; and vs
+     `rclone mount` and `s3fs` (Debian packages, default options) on that object.
+     s3rver's files are read into the page cache before each contender, so the server
+     side is the same for all.
+  3. warm re-read of that file: strata cache hot, fresh mount, page cache dropped, vs a
+     local-disk read of the same file with the page cache dropped (target >= 0.5x);
+     page-cache-hot re-read vs a page-cache-hot local read (target >= 0.7x, best of 3).
+  4. `find -printf '%s %T@ %p'` (readdir + stat of every entry) over a version of 100k
+     tiny files (made with the Python API) vs the same tree on local disk: cold (fresh
+     mount, page cache dropped; target >= 0.1x) and warm (second pass; target >= 0.4x).
+  5. a version of 1.3M files (ImageNet-shaped: train/<1000 classes>/<1250 files> and
+     val/<50k files>; the manifest is generated, every entry points at one real 110 KiB
+     pack blob): `strata mount` + `ls` of the root once the manifest is in the strata
+     cache (target <= 2 s), and the mount process's VmRSS after `ls` of the root,
+     `ls train` and stat/read of a few files (target <= 300 MB).
+
+  B. the FUSE binding: minimal read-only passthrough file systems (this script's
+     --passthrough mode) on mfusepy with libfuse3 (strata's) and with libfuse2, same
+     options: a cold FUSE read of the figure-2 file and find + stat of the figure-4 tree.
+
+--quick scales everything down (200 MiB version and file, 10k files, 100k-file manifest).
+--pyspy DIR records the mount process with py-spy during the strata phases (raw
+collapsed stacks, DIR/<phase>.txt) and prints the hottest functions; timings taken while
+profiling are inflated, use them for where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+MB = 1e6
+READ_BS = 1 * MiB
+ROOT = Path(__file__).resolve().parents[2]
+TOOLS_DEFAULT = "/opt/strata-bench"
+
+
+# ---- results ---------------------------------------------------------------------------
+@dataclass
+class Row:
+    figure: str
+    strata: str
+    baseline: str = ""
+    ratio: str = ""
+    target: str = ""
+    ok: bool | None = None          # None: informational, no target
+    values: dict = field(default_factory=dict)
+
+
+class Results:
+    def __init__(self) -> None:
+        self.rows: list[Row] = []
+        self.meta: dict = {}
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        mark = {True: "PASS", False: "FAIL", None: "info"}[row.ok]
+        print(f"  [{mark}] {row.figure}: {row.strata}"
+              + (f" | baseline {row.baseline}" if row.baseline else "")
+              + (f" | {row.ratio}" if row.ratio else ""), flush=True)
+        return row
+
+    def markdown(self) -> str:
+        out = ["| figure | strata | baseline | ratio | target | result |",
+               "| --- | --- | --- | --- | --- | --- |"]
+        for r in sorted(self.rows, key=lambda r: r.figure.split(" ", 1)[0]):
+            result = {True: "pass", False: "**FAIL**", None: "info"}[r.ok]
+            out.append(f"| {r.figure} | {r.strata} | {r.baseline} | {r.ratio} | {r.target} "
+                       f"| {result} |")
+        return "\n".join(out)
+
+
+def secs(t: float) -> str:
+    return f"{t * 1000:.0f} ms" if t < 1 else f"{t:.2f} s"
+
+
+def mbps(nbytes: int, t: float) -> str:
+    return f"{nbytes / MB / t:.0f} MB/s" if t > 0 else "-"
+
+
+def ratio_row(res: Results, figure: str, s_val: float, b_val: float, s_txt: str, b_txt: str,
+              target: float | None, higher_better: bool = True, info: str = "") -> Row:
+    """A row comparing strata with a baseline; the ratio is strata/baseline for rates
+    (higher_better) and baseline/strata for times."""
+    r = (s_val / b_val) if higher_better else (b_val / s_val)
+    ok = None if target is None else r >= target
+    tgt = "" if target is None else f">= {target:g}x"
+    if info:
+        tgt = (tgt + " " + info).strip()
+    return res.add(Row(figure, s_txt, b_txt, f"{r:.2f}x", tgt, ok,
+                       {"strata": s_val, "baseline": b_val, "ratio": r}))
+
+
+# ---- environment -----------------------------------------------------------------------
+def isolate(work: Path, s3_port: int) -> None:
+    """Point strata and AWS at private folders and the private s3rver (before importing
+    strata, so its config module reads these)."""
+    for k in list(os.environ):
+        if k.startswith(("STRATA_", "AWS_", "RCLONE_")):
+            del os.environ[k]
+    os.environ.update(
+        XDG_DATA_HOME=str(work / "xdg-data"), XDG_CACHE_HOME=str(work / "xdg-cache"),
+        XDG_CONFIG_HOME=str(work / "xdg-config"),
+        AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+        AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
+        AWS_CONFIG_FILE=str(work / "aws-none"), AWS_SHARED_CREDENTIALS_FILE=str(work / "aws-none"),
+        AWS_EC2_METADATA_DISABLED="true")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CAN_DROP = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches() -> bool:
+    if not CAN_DROP:
+        return False
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_all(path: str, bs: int = READ_BS) -> tuple[int, float]:
+    """Read a file sequentially with `bs`-sized reads; (bytes, seconds)."""
+    buf = bytearray(bs)
+    view = memoryview(buf)
+    total = 0
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            n = f.readinto(view)
+            if not n:
+                break
+            total += n
+    return total, time.perf_counter() - t0
+
+
+def warm_folder(folder: Path) -> int:
+    """Read every file under `folder` (puts a server's backing files in the page cache)."""
+    total = 0
+    for dirpath, _, files in os.walk(folder):
+        for fn in files:
+            total += read_all(os.path.join(dirpath, fn), 8 * MiB)[0]
+    return total
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def mounted(mp: str) -> bool:
+    mp = os.path.abspath(mp)
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mp for line in f)
+
+
+def force_unmount(mp: str) -> None:
+    if mounted(mp):
+        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+        if mounted(mp):
+            subprocess.run(["umount", "-l", mp], capture_output=True)
+
+
+def loadavg() -> str:
+    try:
+        return open("/proc/loadavg").read().split(" ", 3)[:3].__str__()
+    except OSError:
+        return "?"
+
+
+# ---- data ------------------------------------------------------------------------------
+class Bytes:
+    """Unique pseudo-random bytes fast: a 64 MiB random pool XOR a key that differs for
+    every block (so no two 1 MiB blocks, hence no two chunks or small files, are equal)."""
+
+    def __init__(self, seed: int):
+        import numpy as np
+        self.np = np
+        gen = np.random.Generator(np.random.SFC64(seed))
+        self.pool = gen.integers(0, 2**63, size=(64 * MiB) // 8, dtype=np.uint64)
+        self.counter = seed * 1_000_003
+
+    def block(self, n: int) -> bytes:
+        np = self.np
+        self.counter += 1
+        words = (n + 7) // 8
+        off = (self.counter * 104_729) % (len(self.pool) - words)
+        key = np.uint64((self.counter * 0x9E3779B97F4A7C15) & (2**64 - 1))
+        return (self.pool[off:off + words] ^ key).tobytes()[:n]
+
+    def write_file(self, path: Path, size: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            left = size
+            while left:
+                n = min(left, MiB)
+                f.write(self.block(n))
+                left -= n
+
+
+# ---- strata through its CLI and the mount registry -------------------------------------
+class Strata:
+    def __init__(self, work: Path, pyspy: Path | None):
+        self.work = work
+        self.pyspy = pyspy
+        self.mountpoints: set[str] = set()
+        self.procs: list[subprocess.Popen] = []
+
+    def env(self, cache_dir: Path | None = None) -> dict:
+        env = dict(os.environ)
+        if cache_dir is not None:
+            env["STRATA_CACHE_DIR"] = str(cache_dir)
+        return env
+
+    def cli(self, repo: str, *args: str, cache_dir: Path | None = None) -> float:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "--repo", repo,
+                            *args], env=self.env(cache_dir), capture_output=True, text=True)
+        t = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise RuntimeError(f"strata {' '.join(args)} failed: {p.stderr.strip()[-800:]}")
+        return t
+
+    def mount(self, repo: str, vid: str, mp: Path, cache_dir: Path | None = None) -> float:
+        mp.mkdir(parents=True, exist_ok=True)
+        self.mountpoints.add(str(mp))
+        return self.cli(repo, "mount", "--id", vid, str(mp), cache_dir=cache_dir)
+
+    def pid(self, mp: Path) -> int:
+        from strata.vfs.mount import registered
+        info = registered(str(mp))
+        if info is None:
+            raise RuntimeError(f"{mp} is not a registered strata mount")
+        return info.pid
+
+    def unmount(self, mp: Path) -> None:
+        if mounted(str(mp)):
+            pid = self.pid(mp)
+            subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "unmount",
+                            str(mp)], env=self.env(), capture_output=True)
+            deadline = time.monotonic() + 20
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.05)
+        force_unmount(str(mp))
+
+    @contextmanager
+    def profiled(self, mp: Path, name: str):
+        """py-spy record of the mount process while the block runs (if --pyspy)."""
+        if not self.pyspy or not shutil.which("py-spy"):
+            yield
+            return
+        self.pyspy.mkdir(parents=True, exist_ok=True)
+        out = self.pyspy / f"{name}.txt"
+        p = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid(mp)), "--rate", "200",
+                              "--format", "raw", "--threads", "--nonblocking",
+                              "-o", str(out)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+        try:
+            yield
+        finally:
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            summarise_pyspy(out)
+
+    def cleanup(self) -> None:
+        for mp in sorted(self.mountpoints):
+            try:
+                self.unmount(Path(mp))
+            except Exception:  # noqa: BLE001 - best effort on the way out
+                force_unmount(mp)
+
+
+def summarise_pyspy(path: Path, top: int = 14) -> None:
+    """Own-time (leaf) and inclusive sample counts per function from py-spy's raw output,
+    idle frames (waiting on a lock, a socket, the FUSE device) separated."""
+    if not path.exists():
+        print(f"    (no py-spy output at {path})")
+        return
+    own: collections.Counter = collections.Counter()
+    incl: collections.Counter = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        n = int(n)
+        frames = stack.split(";")
+        total += n
+        own[frames[-1]] += n
+        for fr in set(frames):
+            incl[fr] += n
+    print(f"    py-spy {path.name}: {total} samples; top own time:")
+    for fr, n in own.most_common(top):
+        print(f"      {n / total:6.1%}  {fr[:150]}")
+    print("    top inclusive (strata frames):")
+    shown = 0
+    for fr, n in incl.most_common():
+        if any(f"({layer}/" in fr for layer in ("vfs", "storage", "catalog")):
+            print(f"      {n / total:6.1%}  {fr[:150]}")
+            shown += 1
+            if shown >= top:
+                break
+
+
+# ---- find + stat -----------------------------------------------------------------------
+def find_stat(root: str) -> tuple[int, float]:
+    """`find ROOT -printf '%s %T@ %p\\n'`: readdir plus a stat of every entry.
+    (entries, seconds)."""
+    t0 = time.perf_counter()
+    p = subprocess.run(["find", root, "-printf", "%s %T@ %p\n"], capture_output=True)
+    t = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise RuntimeError(f"find {root} failed: {p.stderr.decode()[-300:]}")
+    return p.stdout.count(b"\n"), t
+
+
+# ---- s3rver, rclone, s3fs --------------------------------------------------------------
+class S3Server:
+    def __init__(self, tools: Path, folder: Path, port: int, install: bool):
+        self.folder = folder
+        self.port = port
+        self.endpoint = f"http://127.0.0.1:{port}"
+        exe = tools / "node_modules" / ".bin" / "s3rver"
+        if not exe.exists() and install:
+            subprocess.run(["npm", "--prefix", str(tools), "install", "s3rver@3"], check=True,
+                           capture_output=True)
+        if not exe.exists():
+            raise RuntimeError(f"s3rver not found under {tools} (npm --prefix {tools} "
+                               "install s3rver, or pass --install)")
+        folder.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, NODE_OPTIONS="--openssl-legacy-provider")
+        self.log = open(folder.parent / "s3rver.log", "wb")
+        self.proc = subprocess.Popen([str(exe), "-d", str(folder), "-a", "127.0.0.1", "-p",
+                                      str(port), "--silent", "--configure-bucket", "bench"],
+                                     env=env, stdout=self.log, stderr=self.log,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("s3rver exited; see s3rver.log")
+                time.sleep(0.1)
+        self.version = _pkg_version(tools / "node_modules" / "s3rver" / "package.json")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def _pkg_version(path: Path) -> str:
+    try:
+        return json.loads(path.read_text())["version"]
+    except (OSError, ValueError, KeyError):
+        return "?"
+
+
+def wait_mounted(mp: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if mounted(mp):
+            try:
+                os.listdir(mp)
+                return
+            except OSError:
+                pass
+        if proc.poll() is not None:
+            raise RuntimeError(f"mount at {mp} exited with {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"{mp} did not mount within {timeout} s")
+
+
+@contextmanager
+def foreign_mount(kind: str, s3: S3Server, mp: Path, work: Path):
+    """`rclone mount` or `s3fs` of the bench bucket at `mp`, default options, read-only."""
+    mp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    if kind == "rclone":
+        env.update(RCLONE_CONFIG=str(work / "rclone.conf"), RCLONE_CONFIG_S3RV_TYPE="s3",
+                   RCLONE_CONFIG_S3RV_PROVIDER="Other", RCLONE_CONFIG_S3RV_ENDPOINT=s3.endpoint,
+                   RCLONE_CONFIG_S3RV_ACCESS_KEY_ID="S3RVER",
+                   RCLONE_CONFIG_S3RV_SECRET_ACCESS_KEY="S3RVER",
+                   RCLONE_CONFIG_S3RV_FORCE_PATH_STYLE="true")
+        (work / "rclone.conf").touch()
+        args = ["rclone", "mount", "s3rv:bench", str(mp), "--read-only"]
+    else:
+        pw = work / "s3fs.passwd"
+        pw.write_text("S3RVER:S3RVER\n")
+        pw.chmod(0o600)
+        args = ["s3fs", "bench", str(mp), "-f", "-o", f"url={s3.endpoint}", "-o",
+                "use_path_request_style", "-o", f"passwd_file={pw}", "-o", "ro"]
+    log = open(work / f"{kind}.log", "wb")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
+    try:
+        wait_mounted(str(mp), proc)
+        yield proc
+    finally:
+        force_unmount(str(mp))
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+@contextmanager
+def passthrough_mount(lib: str, src: Path, mp: Path, work: Path):
+    mp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, FUSE_LIBRARY_NAME=lib)
+    log = open(work / f"passthrough-{lib}.log", "ab")
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--passthrough",
+                             str(src), str(mp)], env=env, stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        wait_mounted(str(mp), proc)
+        yield proc
+    finally:
+        force_unmount(str(mp))
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def serve_passthrough(src: str, mp: str) -> None:
+    """A minimal read-only passthrough of `src` at `mp` on mfusepy (libfuse chosen by
+    FUSE_LIBRARY_NAME), with strata's read-only mount options and 1 MiB readahead."""
+    import errno
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    import mfusepy
+
+    class Passthrough(mfusepy.Operations):
+        use_ns = True
+
+        def init(self, path):
+            threading.Thread(target=raise_ra, daemon=True).start()
+
+        def getattr(self, path, fh=None):
+            try:
+                st = os.lstat(src + path)
+            except FileNotFoundError:
+                raise mfusepy.FuseOSError(errno.ENOENT) from None
+            return {"st_mode": st.st_mode, "st_size": st.st_size, "st_nlink": st.st_nlink,
+                    "st_uid": st.st_uid, "st_gid": st.st_gid, "st_mtime": st.st_mtime_ns,
+                    "st_ctime": st.st_mtime_ns, "st_atime": st.st_mtime_ns}
+
+        def readdir(self, path, fh):
+            return [".", ".."] + os.listdir(src + path)
+
+        def open(self, path, fi):
+            fi.fh = os.open(src + path, os.O_RDONLY)
+            fi.keep_cache = 1
+            return 0
+
+        def read(self, path, size, offset, fi):
+            return os.pread(fi.fh, size, offset)
+
+        def release(self, path, fi):
+            os.close(fi.fh)
+            return 0
+
+    def raise_ra() -> None:
+        os.stat(mp)
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if fields[4] == os.path.abspath(mp):
+                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as ra:
+                        ra.write("1024")
+
+    options = dict(foreground=True, ro=True, kernel_cache=True, attr_timeout=3600.0,
+                   entry_timeout=3600.0, negative_timeout=3600.0, default_permissions=True)
+    if mfusepy.fuse_version_major == 3:
+        options["max_idle_threads"] = 16
+    mfusepy.FUSE(Passthrough(), mp, raw_fi=True, **options)
+
+
+def tool_version(args: list[str]) -> str:
+    try:
+        out = subprocess.run(args, capture_output=True, text=True, timeout=10)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "not installed"
+
+
+# ---- figures ---------------------------------------------------------------------------
+@dataclass
+class Sizes:
+    version_bytes: int      # figure 1
+    large_file: int         # figure 1 large files
+    small_file: int         # figure 1 small files
+    s3_file: int            # figures 2, 3
+    tiny_files: int         # figure 4
+    train_classes: int      # figure 5
+    per_class: int
+    val_files: int
+
+
+FULL = Sizes(2 * GiB, 128 * MiB, 64 * KiB, 1 * GiB, 100_000, 1000, 1250, 50_000)
+QUICK = Sizes(200 * MiB, 16 * MiB, 64 * KiB, 200 * MiB, 10_000, 100, 950, 5_000)
+
+
+class Bench:
+    def __init__(self, args, work: Path, res: Results):
+        self.args = args
+        self.work = work
+        self.res = res
+        self.sizes = QUICK if args.quick else FULL
+        self.gen = Bytes(args.seed)
+        self.strata = Strata(work, Path(args.pyspy) if args.pyspy else None)
+        self.local_repo = str(work / "repo-local")
+        self.s3: S3Server | None = None
+        self.s3_port = args.s3_port
+        self.note_drop = "" if CAN_DROP else " (page cache NOT dropped: not root)"
+        self.big_local: Path | None = None
+        self.tiny_local: Path | None = None
+
+    # -- helpers -----------------------------------------------------------------------
+    def make_version(self, src: Path, project: str, name: str, repo: str) -> tuple[str, float]:
+        from strata.catalog import Dataset
+        t0 = time.perf_counter()
+        ds = Dataset.create(name, project, repo=repo)
+        ds.add_files(str(src))
+        ds.finalize(auto_upload=True)
+        return ds.id, time.perf_counter() - t0
+
+    # -- 1 -----------------------------------------------------------------------------
+    def fig1(self) -> None:
+        sz = self.sizes
+        print(f"\n1. time to first byte in a {sz.version_bytes / GiB:.2f} GiB version", flush=True)
+        src = self.work / "src1"
+        large_total = sz.version_bytes * 7 // 8
+        n_large = max(1, large_total // sz.large_file)
+        n_small = (sz.version_bytes - n_large * sz.large_file) // sz.small_file
+        for i in range(n_large):
+            self.gen.write_file(src / "large" / f"{i:03d}.bin", sz.large_file)
+        for i in range(n_small):
+            self.gen.write_file(src / "small" / f"d{i // 500:03d}" / f"{i:05d}.bin",
+                                sz.small_file)
+        total = n_large * sz.large_file + n_small * sz.small_file
+        vid, t_build = self.make_version(src, "bench", "ttfb", self.local_repo)
+        print(f"   version {vid}: {n_large} x {sz.large_file // MiB} MiB + {n_small} x "
+              f"{sz.small_file // KiB} KiB = {total / GiB:.2f} GiB (built in {t_build:.1f} s)")
+        shutil.rmtree(src)   # the repository holds the bytes now; keep the disk small
+
+        # strata: mount + open + read 4 KiB, everything cold
+        mp = self.work / "mnt1"
+        cache = self.work / "cache-ttfb-mount"
+        drop_caches()
+        t0 = time.perf_counter()
+        t_mount = self.strata.mount(self.local_repo, vid, mp, cache_dir=cache)
+        t1 = time.perf_counter()
+        with open(mp / "large" / "000.bin", "rb", buffering=0) as f:
+            first = f.read(4096)
+        t2 = time.perf_counter()
+        assert len(first) == 4096
+        ttfb = t2 - t0
+        # a small file on the live mount (informational): lookup + one exact ranged read
+        t3 = time.perf_counter()
+        with open(mp / "small" / "d000" / "00007.bin", "rb", buffering=0) as f:
+            f.read(4096)
+        t_small = time.perf_counter() - t3
+        self.strata.unmount(mp)
+
+        # baseline: strata get --copy of the whole version, same cold start
+        dest = self.work / "copy1"
+        cache2 = self.work / "cache-ttfb-copy"
+        drop_caches()
+        t_copy = self.strata.cli(self.local_repo, "get", "--id", vid, "--copy", str(dest),
+                                 cache_dir=cache2)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.rmtree(cache2, ignore_errors=True)
+        label = f"1. time to first byte, one file of a {total / GiB:.1f} GiB version " \
+                f"(mount + open + read 4 KiB, cold){self.note_drop}"
+        ratio_row(self.res, label, ttfb, t_copy, secs(ttfb),
+                  f"`strata get --copy` {secs(t_copy)} ({mbps(total, t_copy)})", 100,
+                  higher_better=False)
+        self.res.add(Row("1.i  of which `strata mount` (CLI start to mount ready) / open + "
+                         "read 4 KiB of a large file (its first 8 MiB chunk)",
+                         f"{secs(t_mount)} / {secs(t2 - t1)}",
+                         values={"mount": t_mount, "first_read": t2 - t1}))
+        self.res.add(Row("1.i  first 4 KiB of a 64 KiB file on the live mount (one ranged "
+                         "read of its pack)", secs(t_small), values={"small": t_small}))
+        # where the mount command's time goes: two Python interpreters and their imports
+        startup = {}
+        for what, code in (("python", "pass"), ("cli", "import strata.cli.main"),
+                           ("server", "import strata.vfs.mount, strata.vfs.fuse")):
+            runs = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], check=True)
+                runs.append(time.perf_counter() - t0)
+            startup[what] = sorted(runs)[1]
+        self.res.add(Row("1.i  process start + imports (median of 3): bare `python`, the CLI "
+                         "(`strata.cli.main`), the mount server (`strata.vfs.mount` + `.fuse`)",
+                         " / ".join(secs(startup[k]) for k in ("python", "cli", "server")),
+                         values=startup))
+
+    # -- 2 and 3 -------------------------------------------------------------------------
+    def start_s3(self) -> S3Server:
+        if self.s3 is None:
+            self.s3 = S3Server(Path(self.args.tools), self.work / "s3rver", self.s3_port,
+                               self.args.install)
+        return self.s3
+
+    def fig23(self) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        sz = self.sizes
+        reps = self.args.reps
+        print(f"\n2./3. sequential reads of a {sz.s3_file / GiB:.2f} GiB file from S3 "
+              f"(s3rver); best of {reps} for every contender", flush=True)
+        s3 = self.start_s3()
+        src = self.work / "src2"
+        self.gen.write_file(src / "big.bin", sz.s3_file)
+        repo = "s3://bench/strata"
+        vid, t_build = self.make_version(src, "bench", "s3", repo)
+        client = boto3.client("s3")
+        t0 = time.perf_counter()
+        client.upload_file(str(src / "big.bin"), "bench", "raw/big.bin",
+                           Config=TransferConfig(multipart_threshold=8 * GiB))
+        t_put = time.perf_counter() - t0
+        print(f"   version {vid} in {repo} (built + uploaded in {t_build:.1f} s); "
+              f"raw object raw/big.bin put in {t_put:.1f} s; s3rver {s3.version}")
+        n = sz.s3_file
+
+        def warm() -> None:
+            warm_folder(s3.folder)
+
+        # boto3: the same bytes as one object, 8 threads x 8 MiB ranged GETs
+        cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
+                             max_concurrency=8)
+        t_boto = []
+        for _ in range(reps):
+            warm()
+            fresh = boto3.session.Session().client("s3")
+            t0 = time.perf_counter()
+            with open(os.devnull, "wb") as out:
+                fresh.download_fileobj("bench", "raw/big.bin", out, Config=cfg)
+            t_boto.append(time.perf_counter() - t0)
+
+        # boto3 GETs of the version's own chunk objects, 8 threads (strata's fetch pattern,
+        # without FUSE, verification or the cache): informational
+        from concurrent.futures import ThreadPoolExecutor
+        from strata.catalog.dataset import open_repo
+        r = open_repo(repo)
+        entry = r.manifest(vid).lookup("big.bin")
+        keys = [f"strata/blobs/{c[:2]}/{c}" for c in entry.chunk_ids]
+
+        def get(key: str) -> int:
+            return len(fresh.get_object(Bucket="bench", Key=key)["Body"].read())
+        t_chunks = []
+        for _ in range(reps):
+            warm()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(8) as pool:
+                got = sum(pool.map(get, keys))
+            t_chunks.append(time.perf_counter() - t0)
+            assert got == n, (got, n)
+
+        # strata: fresh mount, empty strata cache (a new cache folder for every rep)
+        mp = self.work / "mnt2"
+        t_strata = []
+        for rep in range(reps):
+            cache = self.work / f"cache-s3-{rep}"
+            warm()
+            self.strata.mount(repo, vid, mp, cache_dir=cache)
+            with self.strata.profiled(mp, f"fig2-cold-s3-read-{rep}"):
+                got, t = read_all(str(mp / "big.bin"))
+            assert got == n
+            t_strata.append(t)
+            self.strata.unmount(mp)
+        ts, tb = min(t_strata), min(t_boto)
+        ratio_row(self.res, f"2. cold sequential read, {n / GiB:.2f} GiB file from S3 "
+                  "(fresh mount, empty strata cache)", n / ts, n / tb,
+                  mbps(n, ts), f"boto3 download_fileobj, 8 x 8 MiB: {mbps(n, tb)}", 0.8)
+        self.res.rows[-1].values.update(strata_all=[n / MB / t for t in t_strata],
+                                        boto3_all=[n / MB / t for t in t_boto])
+        self.res.add(Row("2.i  boto3 GETs of the version's 8 MiB chunk objects, 8 threads "
+                         "(strata's fetch pattern without FUSE/verify/cache)",
+                         mbps(n, min(t_chunks)), values={"MBps": n / MB / min(t_chunks)}))
+
+        for kind in ("rclone", "s3fs"):
+            if not shutil.which(kind):
+                self.res.add(Row(f"2. vs {kind} (not installed: apt-get install {kind})",
+                                 mbps(n, ts)))
+                continue
+            t_other = []
+            try:
+                for _ in range(reps):
+                    warm()
+                    with foreign_mount(kind, s3, self.work / f"mnt-{kind}", self.work):
+                        got, t = read_all(str(self.work / f"mnt-{kind}" / "raw" / "big.bin"))
+                    assert got == n, (kind, got)
+                    t_other.append(t)
+            except Exception as e:  # noqa: BLE001 - a baseline that fails is reported
+                self.res.add(Row(f"2. vs {kind} mount: failed ({e})", mbps(n, ts)))
+                continue
+            ver = tool_version([kind, "version" if kind == "rclone" else "--version"])
+            ratio_row(self.res, f"2. cold sequential read vs `{kind}` mount (default "
+                      f"options; {ver.split(' (')[0]})", n / ts, n / min(t_other),
+                      mbps(n, ts), f"{kind}: {mbps(n, min(t_other))}", 1.0,
+                      info="(ahead)")
+
+        # 3: strata cache hot, fresh mount, page cache dropped; then page-cache hot
+        t_warm, t_lwarm = [], []
+        local = str(src / "big.bin")
+        for rep in range(reps):
+            self.strata.mount(repo, vid, mp, cache_dir=cache)
+            os.stat(mp / "big.bin")
+            drop_caches()
+            with self.strata.profiled(mp, f"fig3-warm-read-{rep}"):
+                t_warm.append(read_all(str(mp / "big.bin"))[1])
+            if rep < reps - 1:
+                self.strata.unmount(mp)
+            drop_caches()
+            t_lwarm.append(read_all(local)[1])
+        with self.strata.profiled(mp, "fig3-hot-read"):
+            t_hot = min(read_all(str(mp / "big.bin"))[1] for _ in range(3))
+        rss = rss_kb(self.strata.pid(mp))
+        self.strata.unmount(mp)
+        t_lhot = min(read_all(local)[1] for _ in range(3))
+        # the Python read path alone: strata cache units in the page cache, FUSE cold
+        self.strata.mount(repo, vid, mp, cache_dir=cache)
+        with self.strata.profiled(mp, "fig3-units-hot-read"):
+            t_units = min(read_all(str(mp / "big.bin"))[1] for _ in range(1))
+        self.strata.unmount(mp)
+        ratio_row(self.res, "3. warm re-read (strata cache hot, fresh mount, page cache "
+                  f"dropped){self.note_drop}", n / min(t_warm), n / min(t_lwarm),
+                  mbps(n, min(t_warm)),
+                  f"local disk, page cache dropped: {mbps(n, min(t_lwarm))}", 0.5)
+        ratio_row(self.res, "3. page-cache-hot re-read (best of 3)", n / t_hot, n / t_lhot,
+                  mbps(n, t_hot), f"local, page cache hot: {mbps(n, t_lhot)}", 0.7)
+        self.res.add(Row("3.i  re-read through a fresh mount with the strata cache's files "
+                         "in the page cache (the Python read path; compare B.)",
+                         mbps(n, t_units), values={"MBps": n / MB / t_units}))
+        self.res.add(Row("3.i  mount process VmRSS after reading the file 5 times",
+                         f"{rss / 1024:.0f} MB", values={"rss_kb": rss}))
+        self.big_local = src / "big.bin"
+
+    # -- 4 -----------------------------------------------------------------------------
+    def fig4(self) -> None:
+        sz = self.sizes
+        n = sz.tiny_files
+        print(f"\n4. find + stat of {n} tiny files", flush=True)
+        src = self.work / "src4"
+        rnd = random.Random(self.args.seed)
+        t0 = time.perf_counter()
+        for i in range(n):
+            d = src / f"d{i // 1000:03d}"
+            if i % 1000 == 0:
+                d.mkdir(parents=True, exist_ok=True)
+            with open(d / f"f{i:06d}.txt", "wb") as f:
+                f.write(b"%d " % i + os.urandom(rnd.randint(8, 200)))
+        t_gen = time.perf_counter() - t0
+        vid, t_build = self.make_version(src, "bench", "tiny", self.local_repo)
+        print(f"   {n} files written in {t_gen:.1f} s; version {vid} built in {t_build:.1f} s")
+        mp = self.work / "mnt4"
+        self.strata.mount(self.local_repo, vid, mp)
+        find_stat(str(mp))          # fetch the manifest into the strata cache once
+        self.strata.unmount(mp)
+
+        drop_caches()
+        n_local_cold, t_local_cold = find_stat(str(src))
+        n_local_warm, t_local_warm = find_stat(str(src))
+        self.strata.mount(self.local_repo, vid, mp)
+        drop_caches()
+        with self.strata.profiled(mp, "fig4-find-cold"):
+            n_cold, t_cold = find_stat(str(mp))
+        with self.strata.profiled(mp, "fig4-find-warm"):
+            n_warm, t_warm = find_stat(str(mp))
+        rss = rss_kb(self.strata.pid(mp))
+        self.strata.unmount(mp)
+        if not (n_cold == n_warm == n_local_cold == n_local_warm):
+            print(f"   WARNING: entry counts differ: mount {n_cold}/{n_warm}, local "
+                  f"{n_local_cold}/{n_local_warm}")
+        ratio_row(self.res, f"4. find + stat of {n // 1000}k files, cold (fresh mount, page "
+                  f"cache dropped){self.note_drop}", n_cold / t_cold,
+                  n_local_cold / t_local_cold,
+                  f"{n_cold / t_cold / 1000:.1f}k entries/s ({secs(t_cold)})",
+                  f"local cold {n_local_cold / t_local_cold / 1000:.0f}k/s "
+                  f"({secs(t_local_cold)})", 0.1)
+        ratio_row(self.res, f"4. find + stat of {n // 1000}k files, warm (second pass)",
+                  n_warm / t_warm, n_local_warm / t_local_warm,
+                  f"{n_warm / t_warm / 1000:.1f}k entries/s ({secs(t_warm)})",
+                  f"local warm {n_local_warm / t_local_warm / 1000:.0f}k/s "
+                  f"({secs(t_local_warm)})", 0.4)
+        self.res.add(Row(f"4.i  mount process VmRSS after two passes over {n // 1000}k files",
+                         f"{rss / 1024:.0f} MB", values={"rss_kb": rss}))
+        self.tiny_local = src
+
+    # -- 5 -----------------------------------------------------------------------------
+    def fig5(self) -> None:
+        from strata.catalog import layout, manifest
+        from strata.catalog.dataset import open_repo
+        from strata.catalog.manifest import Entry
+        from strata.catalog.records import VersionRecord
+        sz = self.sizes
+        n = sz.train_classes * sz.per_class + sz.val_files
+        print(f"\n5. mount of a {n / 1e6:.2f}M-file version (generated manifest)", flush=True)
+        repo = open_repo(self.local_repo, create=True)
+        data = self.gen.block(110 * KiB)
+        sha = hashlib.sha256(data).hexdigest()
+        repo.put_blob(sha, data)
+        rnd = random.Random(self.args.seed)
+        classes = sorted({f"n{rnd.randrange(10**7, 10**8):08d}"
+                          for _ in range(sz.train_classes * 2)})[:sz.train_classes]
+        now = time.time_ns()
+        vid = os.urandom(16).hex()
+
+        def entries():
+            for c in classes:
+                for i in range(sz.per_class):
+                    yield Entry(f"train/{c}/{c}_{i:05d}.JPEG", "f", len(data), sha, 0o644, now,
+                                sha, 0)
+            for i in range(1, sz.val_files + 1):
+                yield Entry(f"val/ILSVRC2012_val_{i:08d}.JPEG", "f", len(data), sha, 0o644,
+                            now, sha, 0)
+
+        t0 = time.perf_counter()
+        local = str(self.work / f"{vid}.manifest")
+        manifest.write(local, vid, entries(), [], [])
+        msize = os.path.getsize(local)
+        msha = repo.put_manifest(vid, local)
+        os.unlink(local)
+        assert repo.claim_label("bench", "imagenet", "1.0.0", vid)
+        repo.create_record(VersionRecord(id=vid, project="bench", name="imagenet",
+                                         version="1.0.0", created=time.time(),
+                                         manifest_sha256=msha, files=n, size=n * len(data)))
+        t_gen = time.perf_counter() - t0
+        print(f"   manifest of {n} entries, {msize / MiB:.0f} MiB, generated in {t_gen:.1f} s")
+        assert layout.is_version_id(vid)
+
+        mp = self.work / "mnt5"
+        self.strata.mount(self.local_repo, vid, mp)
+        os.listdir(mp)              # fetches the manifest into the strata cache
+        self.strata.unmount(mp)
+
+        # timed: CLI start -> mount ready -> ls of the root answered (manifest cached;
+        # page cache warm as it is right after a first use)
+        t0 = time.perf_counter()
+        t_mount = self.strata.mount(self.local_repo, vid, mp)
+        with self.strata.profiled(mp, "fig5-first-ls"):
+            root = os.listdir(mp)
+        t_ready = time.perf_counter() - t0
+        assert sorted(root) == ["train", "val"], root
+        pid = self.strata.pid(mp)
+        t1 = time.perf_counter()
+        train = os.listdir(mp / "train")
+        for c in classes[:: max(1, len(classes) // 5)][:5]:
+            os.stat(mp / "train" / c / f"{c}_00007.JPEG")
+        with open(mp / "train" / classes[-1] / f"{classes[-1]}_00001.JPEG", "rb") as f:
+            assert f.read() == data
+        os.stat(mp / "val" / "ILSVRC2012_val_00000042.JPEG")
+        t_lookups = time.perf_counter() - t1
+        rss = rss_kb(pid)
+        assert len(train) == len(classes)
+        t2 = time.perf_counter()
+        n_val = len(os.listdir(mp / "val"))
+        t_val = time.perf_counter() - t2
+        rss_val = rss_kb(pid)
+        self.strata.unmount(mp)
+
+        # the same with the page cache dropped (manifest still in the strata cache)
+        drop_caches()
+        t0 = time.perf_counter()
+        self.strata.mount(self.local_repo, vid, mp)
+        os.listdir(mp)
+        t_ready_cold = time.perf_counter() - t0
+        self.strata.unmount(mp)
+
+        ok = t_ready <= 2.0
+        self.res.add(Row(f"5. mount of a {n / 1e6:.2f}M-file version, manifest cached: "
+                         "`strata mount` until `ls` of the root answers",
+                         f"{secs(t_ready)} (mount command {secs(t_mount)})", "", "", "<= 2 s",
+                         ok, {"ready": t_ready, "mount_cli": t_mount,
+                              "manifest_bytes": msize}))
+        self.res.add(Row(f"5. mount process VmRSS after `ls` of the root, `ls train` "
+                         f"({len(train)} dirs), 6 stats and a read", f"{rss / 1024:.0f} MB",
+                         "", "", "<= 300 MB", rss / 1024 <= 300,
+                         {"rss_kb": rss, "lookups_s": t_lookups}))
+        self.res.add(Row(f"5.i  then `ls val` ({n_val} entries in one folder): time, VmRSS",
+                         f"{secs(t_val)}, {rss_val / 1024:.0f} MB",
+                         values={"ls_val": t_val, "rss_kb": rss_val}))
+        self.res.add(Row(f"5.i  mount until `ls` of the root, manifest cached but page cache "
+                         f"dropped{self.note_drop}", secs(t_ready_cold),
+                         values={"ready": t_ready_cold}))
+
+    # -- B: the binding ----------------------------------------------------------------
+    def figB(self) -> None:
+        """Minimal read-only passthrough file systems (this script's --passthrough mode) on
+        mfusepy with libfuse3 and with libfuse2, same options as strata's mount: a cold FUSE
+        read of the figure-2 file (source in the page cache) and a cold find + stat of the
+        figure-4 tree. Compare with 3.i and 4."""
+        print("\nB. FUSE binding: minimal passthrough file systems", flush=True)
+        for lib in ("fuse3", "fuse"):
+            mp = self.work / f"mnt-pt-{lib}"
+            label = {"fuse3": "mfusepy on libfuse3 (strata's binding)",
+                     "fuse": "mfusepy on libfuse2 (fusepy's library)"}[lib]
+            if self.big_local is not None:
+                read_all(str(self.big_local))          # source in the page cache
+                rates, hot = [], []
+                for _ in range(self.args.reps):
+                    with passthrough_mount(lib, self.big_local.parent, mp, self.work):
+                        n, t = read_all(str(mp / self.big_local.name))
+                        hot.append(min(read_all(str(mp / self.big_local.name))[1]
+                                       for _ in range(3)))
+                    rates.append(n / MB / t)
+                self.res.add(Row(f"B.   FUSE read (1 MiB reads, source page-cache hot): cold / "
+                                 f"page-cache-hot re-read, {label}",
+                                 f"{max(rates):.0f} / {n / MB / min(hot):.0f} MB/s",
+                                 values={"MBps": max(rates), "hot_MBps": n / MB / min(hot)}))
+            if self.tiny_local is not None:
+                with passthrough_mount(lib, self.tiny_local, mp, self.work):
+                    drop_caches()
+                    find_stat(str(self.tiny_local))     # the source hot, the FUSE side cold
+                    nc, tc = find_stat(str(mp))
+                    nw, tw = find_stat(str(mp))
+                self.res.add(Row(f"B.   find + stat of the figure-4 tree (source hot), FUSE cold / warm, {label}",
+                                 f"{nc / tc / 1000:.1f}k / {nw / tw / 1000:.1f}k entries/s",
+                                 values={"cold": nc / tc, "warm": nw / tw}))
+
+    # -- all -----------------------------------------------------------------------------
+    def run(self, only: set[int]) -> None:
+        try:
+            if 1 in only:
+                self.fig1()
+            if 2 in only or 3 in only:
+                self.fig23()
+            if 4 in only:
+                self.fig4()
+            if 5 in only:
+                self.fig5()
+            if 6 in only or "B" in self.args.only.upper():
+                self.figB()
+        finally:
+            self.strata.cleanup()
+            if self.s3 is not None:
+                self.s3.stop()
+
+
+def machine_meta(args) -> dict:
+    mem = 0
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        pass
+    import mfusepy  # noqa: F401 - for its version
+    from importlib.metadata import version
+    return {"cores": os.cpu_count(), "memory_gib": round(mem / GiB, 1),
+            "kernel": platform.release(), "python": platform.python_version(),
+            "mfusepy": version("mfusepy"), "boto3": version("boto3"),
+            "libfuse": tool_version(["fusermount3", "--version"]),
+            "quick": args.quick, "page_cache_dropped": CAN_DROP,
+            "loadavg_start": loadavg()}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="scaled-down sizes (a quick check)")
+    ap.add_argument("--only", default="1,2,3,4,5,B",
+                    help="figures to run, e.g. 2,3 (B: the FUSE binding comparison)")
+    ap.add_argument("--out", help="also write the results as JSON to this file")
+    ap.add_argument("--workdir", help="parent folder for the work folder (default: $TMPDIR)")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--tools", default=TOOLS_DEFAULT,
+                    help="folder with node_modules/.bin/s3rver (default %(default)s)")
+    ap.add_argument("--install", action="store_true",
+                    help="npm-install s3rver into --tools if it is missing")
+    ap.add_argument("--s3-port", type=int, default=0, help="s3rver port (default: a free one)")
+    ap.add_argument("--pyspy", metavar="DIR", help="py-spy the mount during strata phases")
+    ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--reps", type=int, default=2,
+                    help="runs of each figure-2/3 contender; the best counts (default 2)")
+    ap.add_argument("--passthrough", nargs=2, metavar=("SRC", "MP"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.passthrough:
+        serve_passthrough(*args.passthrough)
+        return 0
+    only = {int(x) for x in args.only.split(",") if x.strip().isdigit()}
+    args.s3_port = args.s3_port or free_port()
+
+    work = Path(tempfile.mkdtemp(prefix="strata-bench-mount-", dir=args.workdir))
+    isolate(work, args.s3_port)
+    sys.path.insert(0, str(ROOT))  # noqa - strata is installed; this only helps a bare checkout
+    res = Results()
+    res.meta = machine_meta(args)
+    print(f"work folder {work}; {res.meta['cores']} cores, {res.meta['memory_gib']} GiB; "
+          f"load {res.meta['loadavg_start']}; page cache drops: {CAN_DROP}", flush=True)
+    t0 = time.perf_counter()
+    bench = Bench(args, work, res)
+    try:
+        bench.run(only)
+    finally:
+        res.meta["loadavg_end"] = loadavg()
+        res.meta["seconds"] = round(time.perf_counter() - t0, 1)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"\nMount reads ({'--quick' if args.quick else 'full'} run, "
+          f"{res.meta['seconds']:.0f} s, {res.meta['cores']} cores, load "
+          f"{res.meta['loadavg_start']} -> {res.meta['loadavg_end']}):\n")
+    print(res.markdown())
+    if args.out:
+        Path(args.out).write_text(json.dumps({"meta": res.meta,
+                                              "rows": [asdict(r) for r in res.rows]},
+                                             indent=1))
+    return 0 if all(r.ok is not False for r in res.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
