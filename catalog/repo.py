@@ -57,7 +57,8 @@ class Repository:
             if not (create or cfg.repo == config_mod.embedded_repo_url()):
                 raise NotARepository(
                     f"{storage.url} is not a strata repository (no {layout.MARKER_KEY}); "
-                    f"run 'strata repo init {storage.url}' or create a dataset there") from None
+                    f"check the URL, or make an empty location one with "
+                    f"'strata repo init {storage.url}'") from None
             marker = cls._initialise(storage, chunk_size, pack_size)
         except ValueError:
             raise NotARepository(f"{storage.url}/{layout.MARKER_KEY} is not valid JSON") from None

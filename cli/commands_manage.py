@@ -1,14 +1,13 @@
 """Managing versions and the repository: delete, squash, publish, set-description, tag,
-metadata, rename, move, gc, repo init."""
+metadata, rename, move, gc, repo init, repo info."""
 
 from __future__ import annotations
 
 import json
 
 import click
-from strata.catalog import config, ops
+from strata.catalog import config, ops, repostats
 from strata.catalog.dataset import Dataset
-from strata.catalog.repo import Repository
 from strata.cli import output
 from strata.cli.errors import CliError
 from strata.cli.options import StrataCommand, command, id_option, json_option, many, name_options
@@ -167,12 +166,45 @@ def repo_group():
 @repo_group.command("init", cls=StrataCommand)
 @click.argument("url", required=False)
 @click.option("--chunk-size", metavar="SIZE", help="Chunk size of large files (e.g. 8M).")
+@click.option("--pack-size", metavar="SIZE", help="Target size of packs of small files "
+                                                  "(e.g. 64M).")
 @pass_state
-def repo_init(state: State, url, chunk_size):
-    """Create an empty repository at URL (default: --repo or the configured one)."""
-    kwargs = {"chunk_size": config.parse_size(chunk_size)} if chunk_size else {}
-    repo = Repository.open(url or state.repo, create=True, **kwargs)
+def repo_init(state: State, url, chunk_size, pack_size):
+    """Create an empty repository at URL (default: --repo or the configured one); prints
+    its URL. An existing repository is left as it is."""
+    repo, created = repostats.init_repository(
+        url or state.repo, chunk_size=config.parse_size(chunk_size) if chunk_size else None,
+        pack_size=config.parse_size(pack_size) if pack_size else None)
+    if created:
+        output.info(state.quiet, f"initialised an empty strata repository at {repo.url} "
+                                 f"(chunk size {output.format_size(repo.chunk_size)})")
+    else:
+        output.info(state.quiet, f"{repo.url} is already a strata repository; left as it is")
     output.result(repo.url)
+
+
+@repo_group.command("info", cls=StrataCommand)
+@click.argument("url", required=False)
+@json_option
+@pass_state
+def repo_info(state: State, url, as_json):
+    """Format, chunk size and what the repository at URL holds (default: --repo or the
+    configured one)."""
+    stats = repostats.repository_stats(url or state.repo)
+    if state.want_json(as_json):
+        output.as_json(stats.to_dict())
+        return
+    size = output.format_size
+    output.results([
+        f"repository:  {stats.url}",
+        f"format:      {stats.format} ({stats.hash})",
+        f"chunk size:  {size(stats.chunk_size)}",
+        f"pack size:   {size(stats.pack_size)}",
+        f"datasets:    {stats.datasets}",
+        f"versions:    {stats.versions}",
+        f"blobs:       {stats.blobs} ({size(stats.blob_bytes)})",
+        f"manifests:   {stats.manifests} ({size(stats.manifest_bytes)})",
+    ])
 
 
 COMMANDS = [delete, squash, publish, set_description, tag, metadata, rename, move, gc,

@@ -45,6 +45,7 @@ from strata.storage.errors import (
     StrataError,
     Transient,
 )
+from strata.storage.retry import attempt_timeout
 from strata.storage.url import StorageURL, check_key, check_prefix
 
 try:
@@ -55,6 +56,7 @@ except ModuleNotFoundError:  # Python 3.10
 POOL_SIZE = 64  # above the widest download/readahead pool, so threads never wait on sockets
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # per socket read, not per object: a stalled server fails within this
+# Both are cut down to the retry budget by retry.attempt_timeout (STRATA_RETRY_SECONDS).
 SINGLE_PUT_SIZE = 8 << 20  # larger writes are staged as blocks
 BLOCK_SIZE = 8 << 20
 UPLOAD_CONCURRENCY = 4  # blocks in flight per write
@@ -211,20 +213,25 @@ def find_credentials(account: str) -> Credentials:
 
 
 def make_service_client(account: str, host: str, credentials: Credentials) -> Any:
-    """The shared BlobServiceClient for one account and its credentials."""
+    """The shared BlobServiceClient for one account, its credentials and the socket
+    timeouts (which follow the retry budget)."""
     sdk = _sdk()
-    key = (account, host, credentials)
+    timeouts = (attempt_timeout(CONNECT_TIMEOUT), attempt_timeout(READ_TIMEOUT))
+    key = (account, host, credentials, timeouts)
     with _clients_lock:
         client = _clients.get(key)
         if client is None:
             if len(_clients) >= _MAX_CLIENTS:
                 _clients.clear()
-            client = _clients[key] = _new_service_client(sdk, account, host, credentials)
+            client = _clients[key] = _new_service_client(sdk, account, host, credentials,
+                                                         timeouts)
         return client
 
 
 def _new_service_client(sdk: SimpleNamespace, account: str, host: str,
-                        credentials: Credentials) -> Any:
+                        credentials: Credentials,
+                        timeouts: tuple[float, float] = (CONNECT_TIMEOUT, READ_TIMEOUT)
+                        ) -> Any:
     session = sdk.requests.Session()
     adapter = sdk.requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
     session.mount("https://", adapter)
@@ -232,8 +239,8 @@ def _new_service_client(sdk: SimpleNamespace, account: str, host: str,
     options: dict[str, Any] = {
         "retry_total": 0,  # strata.storage.retry owns retrying
         "transport": sdk.RequestsTransport(session=session, session_owner=False,
-                                           connection_timeout=CONNECT_TIMEOUT,
-                                           read_timeout=READ_TIMEOUT),
+                                           connection_timeout=timeouts[0],
+                                           read_timeout=timeouts[1]),
         "max_single_put_size": SINGLE_PUT_SIZE, "max_block_size": BLOCK_SIZE,
         "max_single_get_size": SINGLE_GET_SIZE, "max_chunk_get_size": CHUNK_GET_SIZE,
     }
@@ -310,6 +317,8 @@ class AzureStorage:
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:
         check_write_args(if_absent, if_match)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the SDK takes bytes, not bytearray/memoryview
         blob = self._blob(key)
         conditions: dict[str, Any] = {}
         if if_match is not None:
@@ -436,7 +445,8 @@ def _no_container(container: str, credentials: Credentials) -> str:
     if credentials.anonymous:  # Azure answers 404 to anonymous requests on private ones
         return (f"container {container!r} does not exist or is not public "
                 f"({credentials.source}: {_CREDENTIALS_HINT})")
-    return f"container {container!r} does not exist"
+    return (f"container {container!r} does not exist (create it first, or fix the "
+            "container name in the URL)")
 
 
 def _denied(message: str, credentials: Credentials) -> str:

@@ -39,12 +39,14 @@ from strata.storage.errors import (
     StrataError,
     Transient,
 )
+from strata.storage.retry import attempt_timeout
 from strata.storage.url import StorageURL, check_key, check_prefix
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 EMULATOR_PROJECT = "test"
 POOL_SIZE = 64  # above the widest download/readahead pool, so threads never wait on sockets
 TIMEOUT = (10.0, 60.0)  # connect, and per socket read: a stalled server fails within these
+# Both are cut down to the retry budget by retry.attempt_timeout (STRATA_RETRY_SECONDS).
 RESUMABLE_THRESHOLD = 8 << 20  # the SDK's own switch from one multipart request to resumable
 RESUMABLE_CHUNK = 8 << 20  # bytes per resumable request (a multiple of 256 KiB)
 PAGE_SIZE = 1000  # objects per listing page, the GCS maximum
@@ -148,6 +150,7 @@ class GCSStorage:
         self.prefix = prefix.strip("/")
         self.url = f"gs://{bucket}/{self.prefix}" if self.prefix else f"gs://{bucket}"
         self.page_size = page_size
+        self.timeout = (attempt_timeout(TIMEOUT[0]), attempt_timeout(TIMEOUT[1]))
         self._key_prefix = self.prefix + "/" if self.prefix else ""
         self._anonymous = False
         if client is None:
@@ -173,7 +176,7 @@ class GCSStorage:
     def read(self, key: str) -> bytes:
         blob = self._blob(key)
         with self._translated(self.url_for(key)):
-            return blob.download_as_bytes(retry=None, timeout=TIMEOUT)
+            return blob.download_as_bytes(retry=None, timeout=self.timeout)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         check_range_args(offset, length)
@@ -185,7 +188,7 @@ class GCSStorage:
             with self._translated(self.url_for(key)):
                 # `end` is inclusive in the SDK, as in an HTTP Range header
                 data = blob.download_as_bytes(start=offset, end=offset + length - 1,
-                                              retry=None, timeout=TIMEOUT)
+                                              retry=None, timeout=self.timeout)
         except _OutOfRange:
             return b""  # the range starts at or past the end: no bytes, not an error
         return data[:length]
@@ -193,6 +196,8 @@ class GCSStorage:
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:
         check_write_args(if_absent, if_match)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the SDK takes bytes or str only, not bytearray/memoryview
         url = self.url_for(key)
         blob = self._blob(key)
         if len(data) > RESUMABLE_THRESHOLD:
@@ -207,13 +212,13 @@ class GCSStorage:
         with self._translated(url, writing=True):
             blob.upload_from_string(data, content_type="application/octet-stream",
                                     if_generation_match=generation, retry=None,
-                                    timeout=TIMEOUT)
+                                    timeout=self.timeout)
         return str(blob.generation)
 
     def stat(self, key: str) -> ObjectInfo:
         blob = self._blob(key)
         with self._translated(self.url_for(key)):
-            blob.reload(retry=None, timeout=TIMEOUT)
+            blob.reload(retry=None, timeout=self.timeout)
         return _info(key, blob)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -225,7 +230,7 @@ class GCSStorage:
         blob = self._blob(key)
         with self._translated(url):
             try:
-                blob.delete(retry=None, timeout=TIMEOUT)
+                blob.delete(retry=None, timeout=self.timeout)
             except _sdk().api.NotFound as exc:
                 if self._bucket_missing(exc):
                     raise self._no_bucket(url) from exc
@@ -242,7 +247,7 @@ class GCSStorage:
             blobs = self._client.list_blobs(
                 self.bucket, prefix=self._key_prefix + prefix, page_size=self.page_size,
                 fields="items(name,size,generation,updated),nextPageToken",
-                retry=None, timeout=TIMEOUT)
+                retry=None, timeout=self.timeout)
             for page in blobs.pages:
                 for blob in page:
                     key = blob.name[skip:]
@@ -261,7 +266,7 @@ class GCSStorage:
         if "no such object" in message or self._bucket_seen:
             return False
         try:
-            exists = self._bucket.exists(retry=None, timeout=TIMEOUT)
+            exists = self._bucket.exists(retry=None, timeout=self.timeout)
         except Exception:  # noqa: BLE001 - a probe that fails proves nothing
             return False
         self._bucket_seen = exists
@@ -289,7 +294,8 @@ class GCSStorage:
         self._bucket_seen = True
 
     def _no_bucket(self, url: str) -> NotFound:
-        return NotFound(url, f"bucket {self.bucket!r} does not exist")
+        return NotFound(url, f"bucket {self.bucket!r} does not exist (create it first, or "
+                             "fix the bucket name in the URL)")
 
 
 def _info(key: str, blob: Any) -> ObjectInfo:
@@ -314,6 +320,12 @@ def _translate(exc: BaseException, url: str, *, anonymous: bool = False
         detail = getattr(exc, "message", None) or str(exc)
         return StorageError(url, f"GCS error {status}: {str(detail).splitlines()[0]}")
     if isinstance(exc, sdk.auth_errors.DefaultCredentialsError):
+        key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
+        if key_file:  # a key file was named: say that it is the problem, not its absence
+            why = str(exc.args[0]) if exc.args else str(exc)
+            return PermissionDenied(url, f"unusable Google credentials ({why}); point "
+                                         f"GOOGLE_APPLICATION_CREDENTIALS at a valid service "
+                                         f"account key file")
         return PermissionDenied(url, f"{exc} ({_CREDENTIALS_HINT})")
     if isinstance(exc, sdk.auth_errors.TransportError):
         return Transient(url, f"cannot reach the Google token service ({exc})")

@@ -147,7 +147,7 @@ class LocalStorage:
             finally:
                 _unlink_quietly(temp)  # after link or on failure; gone after replace
         except OSError as exc:
-            raise _translate(exc, url, writing=True) from exc
+            raise self._root_error(exc) or _translate(exc, url, writing=True) from exc
         return etag
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
@@ -166,7 +166,8 @@ class LocalStorage:
                 except FileNotFoundError:
                     return
         except OSError as exc:
-            raise _translate(exc, self.url_for(key), writing=True) from exc
+            raise self._root_error(exc) or _translate(exc, self.url_for(key),
+                                                      writing=True) from exc
         self._prune(os.path.dirname(path))
 
     # -- internals ---------------------------------------------------------------------------
@@ -226,6 +227,19 @@ class LocalStorage:
                     raise StorageError(url, "cannot write: a folder has this name")
                 raise PreconditionFailed(url, "object already exists")
             os.replace(temp, path)
+
+    def _root_error(self, exc: OSError) -> StorageError | None:
+        """The error to report when the repository folder itself is unusable (a file has
+        its name, or it cannot be created), else None: the failure is about one key."""
+        if os.path.isdir(self.root):
+            return None
+        if os.path.lexists(self.root):
+            return StorageError(self.url, "not a folder (a file has this name); give the "
+                                          "path of a folder")
+        cls, _ = _ERRNO.get(exc.errno or 0, (StorageError, ""))
+        cls = cls if cls is PermissionDenied else StorageError
+        return cls(self.url, f"cannot create the repository folder "
+                             f"({exc.strerror or exc}); check the path")
 
     def _current_etag(self, path: str) -> str | None:
         try:

@@ -8,8 +8,11 @@ once, because asking again cannot change their answer. Each call is bounded twic
 `Unreachable`, naming the URL and the last error.
 
 The wrapper cannot interrupt an attempt that is stuck inside a backend; each backend bounds
-its own attempts with timeouts (S3: 10 s to connect, 60 s per socket read). A stalled store
-therefore fails a call within `total_seconds` plus one backend timeout, never later.
+its own attempts with socket timeouts taken from `attempt_timeout`: the backend's default
+(10 s to connect, 60 s per socket read) cut down to the retry budget, but never below
+`MIN_ATTEMPT_SECONDS`. A stalled store (one that accepts connections and never answers)
+therefore fails a call within `total_seconds` plus one such timeout: with
+STRATA_RETRY_SECONDS=3, in about 5 s, not minutes.
 
 A conditional write is ambiguous after a transient failure: the lost attempt may have
 landed, and then its retry meets `PreconditionFailed` from its own bytes. So after a
@@ -30,6 +33,7 @@ from strata.storage.errors import PreconditionFailed, StrataError, Transient, Un
 
 DEFAULT_TOTAL_SECONDS = 30.0
 RETRY_SECONDS_ENV = "STRATA_RETRY_SECONDS"
+MIN_ATTEMPT_SECONDS = 5.0  # no socket timeout below this: a slow but live store must pass
 
 T = TypeVar("T")
 
@@ -47,6 +51,13 @@ def retry_seconds_from_env() -> float:
         raise StrataError(f"{RETRY_SECONDS_ENV} must be a positive number of seconds, "
                           f"not {raw!r}")
     return seconds
+
+
+def attempt_timeout(default: float) -> float:
+    """A backend's socket timeout of `default` seconds, bounded by the retry budget:
+    min(default, max(MIN_ATTEMPT_SECONDS, $STRATA_RETRY_SECONDS)). One stalled attempt must
+    not outlast the budget of the whole call by much."""
+    return min(default, max(MIN_ATTEMPT_SECONDS, retry_seconds_from_env()))
 
 
 class RetryingStorage:
@@ -99,6 +110,12 @@ class RetryingStorage:
     def delete(self, key: str) -> None:
         self._retry(lambda: self.inner.delete(key))
 
+    def call(self, fn: Callable[[Storage], T]) -> T:
+        """`fn(inner backend)` under this wrapper's retry policy; on a transient failure
+        the whole of `fn` runs again. For work that must not materialise a listing, such as
+        counting a large prefix or finding its first key."""
+        return self._retry(lambda: fn(self.inner))
+
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:
         conditional = if_absent or if_match is not None
@@ -145,4 +162,5 @@ class RetryingStorage:
         elapsed = self._clock() - start
         raise Unreachable(last.url, f"storage unreachable after {attempt} attempt"
                                     f"{'s' if attempt != 1 else ''} in {elapsed:.1f}s "
-                                    f"(last error: {last.detail})") from last
+                                    f"(last error: {last.detail}); check that the store "
+                                    f"is reachable from here") from last

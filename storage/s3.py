@@ -32,12 +32,14 @@ from strata.storage.errors import (
     StorageError,
     Transient,
 )
+from strata.storage.retry import attempt_timeout
 from strata.storage.url import StorageURL, check_key, check_prefix
 
 DEFAULT_REGION = "us-east-1"
 POOL_SIZE = 64  # above the widest download/readahead pool, so threads never wait on sockets
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # per socket read, not per object: a stalled server fails within this
+# Both are cut down to the retry budget by retry.attempt_timeout (STRATA_RETRY_SECONDS).
 
 _MAX_CLIENTS = 8  # distinct AWS environments in one process; more only in tests
 _clients: dict[tuple[tuple[str, str], ...], Any] = {}
@@ -53,6 +55,10 @@ class _OutOfRange(StorageError):
     """HTTP 416: a range that starts at or past the end; read_range turns it into b''."""
 
 
+_UNKNOWN_KEY = "unknown AWS access key id (check AWS_ACCESS_KEY_ID or AWS_PROFILE)"
+_WRONG_SECRET = ("AWS secret key does not match the key id (check AWS_SECRET_ACCESS_KEY "
+                 "or AWS_PROFILE)")
+
 # S3 error code (or bare HTTP status, as HEAD responses carry no body) -> our error.
 _CODES: dict[str, tuple[type[StorageError], str]] = {
     "NoSuchKey": (NotFound, "no such object"),
@@ -66,9 +72,9 @@ _CODES: dict[str, tuple[type[StorageError], str]] = {
     "AccessDenied": (PermissionDenied, "access denied (check credentials and bucket policy)"),
     "AllAccessDisabled": (PermissionDenied, "all access to this bucket is disabled"),
     "AccountProblem": (PermissionDenied, "AWS account problem"),
-    "InvalidAccessKeyId": (PermissionDenied, "unknown AWS access key id"),
-    "InvalidClientTokenId": (PermissionDenied, "unknown AWS access key id"),
-    "SignatureDoesNotMatch": (PermissionDenied, "AWS secret key does not match the key id"),
+    "InvalidAccessKeyId": (PermissionDenied, _UNKNOWN_KEY),
+    "InvalidClientTokenId": (PermissionDenied, _UNKNOWN_KEY),
+    "SignatureDoesNotMatch": (PermissionDenied, _WRONG_SECRET),
     "ExpiredToken": (PermissionDenied, "AWS session token expired"),
     "ExpiredTokenException": (PermissionDenied, "AWS session token expired"),
     "InvalidToken": (PermissionDenied, "invalid AWS session token"),
@@ -98,11 +104,14 @@ def make_client() -> Any:
     """The boto3 S3 client for the current AWS environment, shared by every backend.
 
     boto3 clients are thread-safe, and sharing one shares its connection pool, so opening a
-    backend per external link costs nothing. Clients are keyed by the AWS_* variables: a
-    changed environment (profile, endpoint, keys) gets a client of its own.
+    backend per external link costs nothing. Clients are keyed by the AWS_* variables and
+    the socket timeouts: a changed environment (profile, endpoint, keys, retry budget) gets
+    a client of its own.
     """
     boto3, Config = _import_boto3()
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    timeouts = (attempt_timeout(CONNECT_TIMEOUT), attempt_timeout(READ_TIMEOUT))
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))) + \
+        (("timeouts", repr(timeouts)),)
     with _clients_lock:  # boto3 sessions are not thread-safe; their clients are
         client = _clients.get(key)
         if client is None:
@@ -111,8 +120,8 @@ def make_client() -> Any:
             session = boto3.session.Session()
             config = Config(
                 max_pool_connections=POOL_SIZE,
-                connect_timeout=CONNECT_TIMEOUT,
-                read_timeout=READ_TIMEOUT,
+                connect_timeout=timeouts[0],
+                read_timeout=timeouts[1],
                 # total_max_attempts counts the first try; botocore's `max_attempts` would not.
                 retries={"total_max_attempts": 1, "mode": "standard"},
                 # botocore >= 1.36 adds CRC checksums to every upload by default, which several
@@ -167,6 +176,8 @@ class S3Storage:
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:
         check_write_args(if_absent, if_match)
+        if not isinstance(data, bytes):
+            data = bytes(data)  # the SDK takes bytes, not bytearray/memoryview
         conditions: dict[str, str] = {}
         if if_absent:
             conditions["IfNoneMatch"] = "*"
@@ -229,7 +240,8 @@ def _translate(exc: BaseException, url: str, bucket: str) -> StorageError | None
     if isinstance(exc, bx.ClientError):
         code, status = _code(exc), _status(exc)
         if code == "NoSuchBucket":
-            return NotFound(url, f"bucket {bucket!r} does not exist")
+            return NotFound(url, f"bucket {bucket!r} does not exist (create it first, or fix "
+                                  "the bucket name in the URL)")
         if code in _CODES or str(status) in _CODES:
             cls, message = _CODES[code] if code in _CODES else _CODES[str(status)]
             return cls(url, message if code in _CODES else f"{message} ({code})")

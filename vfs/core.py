@@ -9,11 +9,12 @@ and folders belong to the user running the mount; a read-only mount shows no wri
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import stat as stat_mod
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from strata.vfs.errors import (BadHandle, IsADirectory, NoAttribute, NoEntry, NotPermitted,
                                ReadOnly)
@@ -41,6 +42,50 @@ class Handle:
     stream: Stream
     path: str = ""
     fd: int | None = None       # an upper file (writable mounts)
+    upper: str | None = None    # the upper file `fd` is open on
+    writable: bool = False
+
+
+@dataclass
+class Gate:
+    """Many operations at once, or one view switch alone; a waiting switch goes first.
+
+    A writable mount's operations that change something (or use an upper file's
+    descriptor) run inside `operation()`; `Filesystem.switch_view` runs inside `switch()`,
+    so no operation straddles a switch: none writes into an overlay generation after it
+    was frozen for a commit."""
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+    _active: int = 0
+    _switching: bool = False
+
+    @contextlib.contextmanager
+    def operation(self):
+        with self._cond:
+            while self._switching:
+                self._cond.wait()
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def switch(self):
+        with self._cond:
+            while self._switching:
+                self._cond.wait()
+            self._switching = True
+            while self._active:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._switching = False
+                self._cond.notify_all()
 
 
 class Filesystem:
@@ -52,6 +97,40 @@ class Filesystem:
         self._handles: dict[int, Handle] = {}
         self._next = itertools.count(1)
         self._lock = threading.Lock()
+        # lock order: _gate before the view's locks before _lock
+        self._gate = Gate()
+
+    def _op(self):
+        return self._gate.operation() if self.writable else contextlib.nullcontext()
+
+    def switch_view(self, view: View, frozen_upper: str | None = None) -> None:
+        """Make `view` the one every operation uses, with no operation in flight. Files
+        open on an upper file in folder `frozen_upper` (a generation frozen for a commit)
+        are copied up into `view` and their handles reopened there: writes through them
+        after the switch go to the next overlay, and the frozen bytes stay as they were."""
+        with self._gate.switch():
+            old, self.view = self.view, view
+            if frozen_upper is None:
+                return
+            with self._lock:
+                handles = list(self._handles.values())
+            for h in sorted(handles, key=lambda h: not h.writable):   # writers first
+                if h.fd is None or h.upper is None or \
+                        os.path.dirname(h.upper) != frozen_upper:
+                    continue
+                path = old.path_of_upper(h.upper)
+                if path is None:
+                    continue   # unlinked while open: nothing to carry over
+                if h.writable:
+                    up, flags = view.copy_up(path), os.O_RDWR
+                else:
+                    n = view.lookup(path)
+                    if n is None or not n.upper or n.upper == h.upper:
+                        continue
+                    up, flags = n.upper, os.O_RDONLY   # a writer copied it up: follow it
+                fd = os.open(up, flags)
+                os.close(h.fd)
+                h.fd, h.upper, h.path = fd, up, path
 
     # ---- metadata ---------------------------------------------------------------------
     def node(self, path: str) -> Node:
@@ -99,8 +178,18 @@ class Filesystem:
     def statfs(self) -> dict:
         files, size = self.view.totals() if hasattr(self.view, "totals") else (0, 0)
         blocks = max(1, (size + BLOCK - 1) // BLOCK)
-        return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": blocks, "f_bfree": 0,
-                "f_bavail": 0, "f_files": files, "f_ffree": 0, "f_namemax": 255}
+        free = avail = ffree = 0
+        if self.writable and hasattr(self.view, "overlay"):
+            # new bytes land in the overlay's upper folder: report the room left there
+            # (a writable mount that says "0 bytes free" makes careful programs refuse)
+            st = os.statvfs(self.view.overlay.upper_dir)
+            free = st.f_bfree * st.f_frsize // BLOCK
+            avail = st.f_bavail * st.f_frsize // BLOCK
+            ffree = st.f_favail
+            blocks += free
+        return {"f_bsize": BLOCK, "f_frsize": BLOCK, "f_blocks": blocks, "f_bfree": free,
+                "f_bavail": avail, "f_files": files + ffree, "f_ffree": ffree,
+                "f_favail": ffree, "f_namemax": 255}
 
     # ---- data -------------------------------------------------------------------------
     WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
@@ -119,39 +208,48 @@ class Filesystem:
         return fh
 
     def open(self, path: str, flags: int) -> int:
-        n = self.node(path)
-        if n.kind == DIR:
-            raise IsADirectory(path)
-        if flags & self.WRITE_FLAGS:
-            if not self.writable:
-                raise ReadOnly(path)
-            if flags & os.O_TRUNC:
-                up = self.view.truncate(path, 0)
-            else:
-                up = self.view.copy_up(path)
-            return self._new_handle(Handle(self.node(path), Stream(), path,
-                                           os.open(up, os.O_RDWR)))
-        if n.upper:
-            return self._new_handle(Handle(n, Stream(), path, os.open(n.upper, os.O_RDONLY)))
-        return self._new_handle(Handle(n, Stream(), path))
+        with self._op():
+            n = self.node(path)
+            if n.kind == DIR:
+                raise IsADirectory(path)
+            if flags & self.WRITE_FLAGS:
+                if not self.writable:
+                    raise ReadOnly(path)
+                if flags & os.O_TRUNC:
+                    up = self.view.truncate(path, 0)
+                else:
+                    up = self.view.copy_up(path)
+                self._follow_copy_up(path, up)
+                return self._new_handle(Handle(self.node(path), Stream(), path,
+                                               os.open(up, os.O_RDWR), up, writable=True))
+            if n.upper:
+                return self._new_handle(Handle(n, Stream(), path,
+                                               os.open(n.upper, os.O_RDONLY), n.upper))
+            return self._new_handle(Handle(n, Stream(), path))
+
+    def _follow_copy_up(self, path: str, upper: str) -> None:
+        """Read-your-writes across handles: handles reading the lower file at `path`
+        read its upper copy from now on. (Not a lookup by path at read time: a file
+        renamed over `path` is another file, and a reader keeps the one it opened.)"""
+        with self._lock:
+            readers = [h for h in self._handles.values() if h.fd is None and h.path == path]
+        for h in readers:
+            h.fd, h.upper = os.open(upper, os.O_RDONLY), upper
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
         h = self._handle(fh)
-        if h.fd is None and self.writable:
-            # another handle may have copied the file up since this one opened it:
-            # read-your-writes across handles
-            n = self.view.lookup(h.path)
-            if n is not None and n.upper:
-                h.fd = os.open(n.upper, os.O_RDONLY)
-        if h.fd is not None:
-            return os.pread(h.fd, size, offset)
+        if self.writable:
+            with self._gate.operation():
+                if h.fd is not None:
+                    return os.pread(h.fd, size, offset)
         return self.view.read(h.node, offset, size, h.stream)
 
     def release(self, fh: int) -> None:
-        with self._lock:
-            h = self._handles.pop(fh, None)
-        if h is not None and h.fd is not None:
-            os.close(h.fd)
+        with self._op():
+            with self._lock:
+                h = self._handles.pop(fh, None)
+            if h is not None and h.fd is not None:
+                os.close(h.fd)
 
     def read_path(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         """Convenience for tests: open, read, release."""
@@ -169,47 +267,59 @@ class Filesystem:
         return self.view
 
     def create(self, path: str, mode: int, flags: int = os.O_RDWR) -> int:
-        up = self._overlay(path).create(path, mode, exclusive=bool(flags & os.O_EXCL))
-        return self._new_handle(Handle(self.node(path), Stream(), path, os.open(up, os.O_RDWR)))
+        with self._op():
+            up = self._overlay(path).create(path, mode, exclusive=bool(flags & os.O_EXCL))
+            return self._new_handle(Handle(self.node(path), Stream(), path,
+                                           os.open(up, os.O_RDWR), up, writable=True))
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        h = self._handle(fh)
-        if h.fd is None:
-            raise BadHandle(f"{h.path} is not open for writing")
-        return os.pwrite(h.fd, data, offset)
+        with self._op():
+            h = self._handle(fh)
+            if h.fd is None:
+                raise BadHandle(f"{h.path} is not open for writing")
+            return os.pwrite(h.fd, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
-        h = self._handle(fh) if fh is not None else None
-        if h is not None and h.fd is not None:
-            os.ftruncate(h.fd, length)
-        else:
-            self._overlay(path).truncate(path, length)
+        with self._op():
+            h = self._handle(fh) if fh is not None else None
+            if h is not None and h.fd is not None:
+                os.ftruncate(h.fd, length)
+            else:
+                self._follow_copy_up(path, self._overlay(path).truncate(path, length))
 
     def fsync(self, fh: int) -> None:
-        h = self._handle(fh)
-        if h.fd is not None:
-            os.fsync(h.fd)
+        with self._op():
+            h = self._handle(fh)
+            if h.fd is not None:
+                os.fsync(h.fd)
 
     def unlink(self, path: str) -> None:
-        self._overlay(path).unlink(path)
+        with self._op():
+            self._overlay(path).unlink(path)
 
     def mkdir(self, path: str, mode: int) -> None:
-        self._overlay(path).mkdir(path, mode)
+        with self._op():
+            self._overlay(path).mkdir(path, mode)
 
     def rmdir(self, path: str) -> None:
-        self._overlay(path).rmdir(path)
+        with self._op():
+            self._overlay(path).rmdir(path)
 
-    def rename(self, old: str, new: str) -> None:
-        self._overlay(old).rename(old, new)
+    def rename(self, old: str, new: str, *, noreplace: bool = False) -> None:
+        with self._op():
+            self._overlay(old).rename(old, new, noreplace=noreplace)
 
     def symlink(self, path: str, target: str) -> None:
-        self._overlay(path).symlink(path, target)
+        with self._op():
+            self._overlay(path).symlink(path, target)
 
     def chmod(self, path: str, mode: int) -> None:
-        self._overlay(path).chmod(path, mode)
+        with self._op():
+            self._overlay(path).chmod(path, mode)
 
     def utimens(self, path: str, mtime_ns: int) -> None:
-        self._overlay(path).utimens(path, mtime_ns)
+        with self._op():
+            self._overlay(path).utimens(path, mtime_ns)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
         self.node(path)

@@ -60,6 +60,7 @@ ERRNO: list[tuple[type[BaseException], int]] = [
     (CatalogError, errno.EIO),
 ]
 QUIET = (NoEntry, NoAttribute, Exists, NotEmpty)   # expected in normal operation: not logged
+RENAME_NOREPLACE = 1   # renameat2 flags (linux/fs.h)
 
 
 def errno_of(exc: BaseException) -> int:
@@ -200,8 +201,12 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
     @_errno_boundary
-    def rename(self, old, new):
-        self.fs.rename(_rel(old), _rel(new))
+    def rename(self, old, new, flags=0):
+        if flags & ~RENAME_NOREPLACE:
+            # RENAME_EXCHANGE / RENAME_WHITEOUT: not supported (done as a plain rename,
+            # an exchange would destroy its target); EINVAL is what such file systems say
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        self.fs.rename(_rel(old), _rel(new), noreplace=bool(flags & RENAME_NOREPLACE))
         return 0
 
     @_errno_boundary
@@ -231,6 +236,14 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+class _FUSE(mfusepy.FUSE):
+    """mfusepy drops the flags of libfuse 3's rename; hand them to the operations."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(old.decode(self.encoding, self.errors),
+                                      new.decode(self.encoding, self.errors), flags)
+
+
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, foreground: bool = True,
           on_ready=None, debug: bool = False, operations: FuseOperations | None = None) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted or signalled (libfuse
@@ -245,7 +258,7 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, foreground: bool = Tr
                        entry_timeout=3600.0, negative_timeout=3600.0)
     try:
         ops = operations or FuseOperations(fs, on_ready=on_ready)
-        mfusepy.FUSE(ops, mountpoint, raw_fi=True, **options)
+        _FUSE(ops, mountpoint, raw_fi=True, **options)
     except RuntimeError as e:
         # fuse_main returns 8 when its loop ends with an error, and libfuse 3's signal
         # handler records the signal as that error: SIGINT/SIGTERM/SIGHUP come back as 8

@@ -172,7 +172,8 @@ class OverlayView:
         n = self.lower.lookup(lp)
         if n is None:
             return None
-        return Node(path, n.kind, n.size, n.mode, n.mtime_ns, n.version, n.entry)
+        # keep `upper`: a lower overlay (the generation being committed) holds bytes there
+        return Node(path, n.kind, n.size, n.mode, n.mtime_ns, n.version, n.entry, n.upper)
 
     def _node_of_row(self, row: Row) -> Node | None:
         if row.kind == "w":
@@ -221,7 +222,7 @@ class OverlayView:
                 for n in self.lower.listdir(lp):
                     child = paths.join(path, n.name)
                     out[n.name] = Node(child, n.kind, n.size, n.mode, n.mtime_ns, n.version,
-                                       n.entry)
+                                       n.entry, n.upper)
             for row in self.overlay.children(path):
                 name = paths.name_of(row.path)
                 n = self._node_of_row(row)
@@ -239,6 +240,13 @@ class OverlayView:
 
     def totals(self) -> tuple[int, int]:
         return self.lower.totals() if hasattr(self.lower, "totals") else (0, 0)
+
+    def path_of_upper(self, upper_file: str) -> str | None:
+        """The path whose bytes this overlay keeps in `upper_file`, if any."""
+        with self._lock:
+            r = self.overlay.db.execute("SELECT path FROM nodes WHERE upper=?",
+                                        (os.path.basename(upper_file),)).fetchone()
+            return r[0] if r else None
 
     # ---- changes -----------------------------------------------------------------------
     def _require_dir(self, folder: str) -> None:
@@ -299,8 +307,9 @@ class OverlayView:
                 raise missing(self, path)
             if n.is_dir:
                 raise IsADirectory(path)
-            if n.upper:
-                return n.upper
+            row = self.overlay.get(path)
+            if row is not None and row.upper:
+                return self.overlay.upper_path(row.upper)
             if n.kind == LINK:
                 raise NotPermitted(f"{path} is a symlink")
             name = self.overlay.new_upper()
@@ -364,12 +373,14 @@ class OverlayView:
                 raise Exists(path)
             self.overlay.put(Row(path, LINK, target=target, mtime_ns=time.time_ns()))
 
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, *, noreplace: bool = False) -> None:
         with self._lock:
+            # Linux resolves both parent folders before looking at the source itself
+            self._require_dir(paths.parent_of(old))
+            self._require_dir(paths.parent_of(new))
             src = self.lookup(old)
             if src is None:
                 raise missing(self, old)
-            self._require_dir(paths.parent_of(new))
             if paths.is_under(new, old) and new != old:
                 raise InvalidArgument(f"cannot move {old} into itself")
             if paths.is_under(old, new) and new != old:
@@ -377,6 +388,8 @@ class OverlayView:
             if old == new:
                 return
             dst = self.lookup(new)
+            if dst is not None and noreplace:
+                raise Exists(new)
             if dst is not None:
                 if dst.is_dir and not src.is_dir:
                     raise IsADirectory(new)
@@ -425,6 +438,10 @@ class OverlayView:
         row = self.overlay.get(path)
         if row is not None:
             return row
+        if n.upper:
+            # bytes of the generation being committed, which has no blobs yet: copy up
+            self.copy_up(path)
+            return self.overlay.get(path)
         if n.is_dir:
             return Row(path, DIR, mode=n.mode, mtime_ns=n.mtime_ns)
         if n.kind == LINK:

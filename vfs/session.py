@@ -13,7 +13,10 @@ crash at any step leaves a state from which the next commit (or remount) resumes
 the draft id recorded before finalizing makes a retried commit finish the same child.
 
 Concurrency: `_lock` serialises commit, discard and view swaps; file operations keep
-running against whichever view the filesystem core holds (swapped atomically).
+running against whichever view the filesystem core holds. A swap goes through
+`Filesystem.switch_view`, which lets operations in flight finish first and, at a freeze,
+moves files open on the frozen generation to the live one: nothing writes into a
+generation once it is frozen.
 """
 
 from __future__ import annotations
@@ -118,10 +121,16 @@ class Session:
             self.live = self._generation(self.state["live"])
             return OverlayView(lower, self.live)
 
-    def _swap(self) -> None:
+    def _swap(self, frozen: int | None = None) -> None:
+        """Point the filesystem at a freshly built view; with `frozen`, the generation
+        just frozen, whose open files move to the new live generation."""
         view = self.build_view()
         if self.fs is not None:
-            self.fs.view = view
+            upper = str(self._generation_dir(frozen) / "upper") if frozen else None
+            self.fs.switch_view(view, upper)
+
+    def _generation_dir(self, n: int) -> Path:
+        return self.folder / f"g{n}"
 
     # ---- status ------------------------------------------------------------------------
     def status(self) -> dict:
@@ -140,7 +149,7 @@ class Session:
                 self.state["live"] = self.state["live"] + 1
                 self.state["draft"] = None
                 self._save()
-                self._swap()
+                self._swap(frozen=self.state["frozen"])
             frozen_view = OverlayView(VersionView(self.repo, self.state["base"], self.reader),
                                       self._generation(self.state["frozen"]))
             parent = Dataset.get(self.state["base"], repo=self.repo)
@@ -176,8 +185,8 @@ def _walk(view: OverlayView, folder: str, cs: ChangeSet) -> None:
     """Everything visible under `folder`, as exact entries (a redirected or opaque folder
     is committed by what it shows, not by its journal rows)."""
     nodes = view.listdir(folder)
-    if not nodes:
-        n = view.lookup(folder)
+    n = view.lookup(folder)
+    if not nodes or n.mode & 0o7777 != 0o755:   # 0o755: what an implicit folder shows
         cs.dirs.append((folder, n.mode, n.mtime_ns))
     for n in nodes:
         if n.kind == DIR:
@@ -247,6 +256,12 @@ def changes_of(view: OverlayView) -> list[Change]:
             out.append(Change("M", row.path))
         else:
             out.append(Change("A", row.path))
-    # a rename shows as R new <- old; its whiteout is not a separate removal
+    # a rename shows as R new <- old; its whiteout is not a separate removal (the
+    # whiteout may sit below a renamed folder: compare the lower path it hides)
     renamed_from = {c.origin for c in out if c.kind == "R"}
-    return [c for c in out if not (c.kind == "D" and c.path in renamed_from)]
+
+    def hidden(path: str) -> str | None:
+        folder = view.lower_path(paths.parent_of(path)) if paths.parent_of(path) else ""
+        return None if folder is None else paths.join(folder, paths.name_of(path))
+    return [c for c in out if not (c.kind == "D" and (c.path in renamed_from or
+                                                      hidden(c.path) in renamed_from))]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -316,3 +317,106 @@ def index_rows() -> dict[str, int]:
         return dict(db.execute("SELECT id, size FROM units").fetchall())
     finally:
         db.close()
+
+
+# ---- writable mounts ---------------------------------------------------------------
+def start_writable(mounts: Mounts, version_id: str, repo_url: str,
+                   name: str = "mnt") -> mount_mod.MountInfo:
+    """A background writable mount server process; returns once the mount is live."""
+    path = mounts.folder(name)
+    info, _ = mount_mod.start_background(repo_url, version_id, str(path), writable=True,
+                                         timeout=READY)
+    wait_for(lambda: os.path.ismount(path), READY, f"{path} to be mounted")
+    return info
+
+
+def tree(root, *, mtimes: bool = False, skip=()) -> dict:
+    """{relative path: ('dir', mode) | ('link', target) | ('file', sha256, mode[, mtime_ns])}
+    of a folder with exact permission bits (a writable mount shows them as they are),
+    symlinks not followed; names in `skip` (and what is below them) left out."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames
+                       if os.path.relpath(os.path.join(dirpath, d), root) not in skip]
+        for name in dirnames + filenames:
+            full = os.path.join(dirpath, name)
+            rel = os.path.relpath(full, root)
+            if rel in skip:
+                continue
+            st = os.lstat(full)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(full))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir", stat.S_IMODE(st.st_mode))
+            else:
+                out[rel] = ("file", sha256_file(full), stat.S_IMODE(st.st_mode)) + \
+                    ((st.st_mtime_ns,) if mtimes else ())
+    return out
+
+
+def copy_of(version_id: str, repo_url: str, target) -> Path:
+    """`get_mutable_local_copy` of a version into `target` (the catalog's eager merge)."""
+    Dataset.get(version_id, repo=repo_url).get_mutable_local_copy(str(target))
+    return Path(target)
+
+
+def run(*args, cwd, env=None, check: bool = True) -> subprocess.CompletedProcess:
+    """A program, with a deadline; by default it must succeed."""
+    r = subprocess.run([str(a) for a in args], cwd=str(cwd), capture_output=True, text=True,
+                       env=env, timeout=120)
+    if check:
+        assert r.returncode == 0, (args, str(cwd), r.stdout, r.stderr)
+    return r
+
+
+class WritableEnv:
+    """A writable mount of a version (`mnt`) and a plain local folder holding the same
+    tree (`local`, its get_mutable_local_copy): the same actions applied to both must
+    leave equal trees, before and after a commit."""
+
+    def __init__(self, build: Builder, mounts: Mounts, tmp_path: Path, spec: dict):
+        self.repo_url = build.repo_url
+        self.vid = build.version(spec)
+        self.tmp = tmp_path
+        self.mnt = mounts.folder()
+        self.info = start_writable(mounts, self.vid, self.repo_url)
+        self.local = copy_of(self.vid, self.repo_url, tmp_path / "local")
+        self._n = itertools.count()
+        assert tree(self.mnt) == tree(self.local)
+
+    def both(self, action) -> None:
+        """`action(root)` on the mount, then on the local folder."""
+        for root in (self.mnt, self.local):
+            action(root)
+
+    def run_both(self, *args, cwd: str = "", env=None) -> None:
+        """A program in the mount and in the local folder (cwd relative to each)."""
+        self.both(lambda root: run(*args, cwd=root / cwd, env=env))
+
+    def pending(self) -> list[dict]:
+        """`strata status --json` of the mount: its pending changes."""
+        r = strata("status", "--json", self.mnt)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)["changes"]
+
+    def commit(self, message: str = "e2e") -> str:
+        """`strata commit`; returns the child id (the last line of its output)."""
+        r = strata("commit", self.mnt, "-m", message)
+        assert r.returncode == 0, r.stderr
+        child = r.stdout.strip().splitlines()[-1]
+        assert Dataset.get(child, repo=self.repo_url).parents == [self.vid]
+        return child
+
+    def child_copy(self, child: str) -> Path:
+        return copy_of(child, self.repo_url, self.tmp / f"child-{next(self._n)}")
+
+    def check(self, *, mtimes: bool = False) -> str:
+        """Mount equals local folder; commit; the child's copy and the mount (now showing
+        the child, with nothing pending) equal it too. Returns the child id."""
+        expected = tree(self.local, mtimes=mtimes)
+        assert tree(self.mnt, mtimes=mtimes) == expected
+        child = self.commit()
+        assert tree(self.child_copy(child), mtimes=mtimes) == expected
+        assert self.pending() == []
+        assert tree(self.mnt, mtimes=mtimes) == expected
+        return child

@@ -74,6 +74,14 @@ class StorageContract:
         assert storage.read("bin") == data
         assert storage.stat("bin").size == len(data)
 
+    @pytest.mark.parametrize("kind", [bytearray, memoryview])
+    def test_write_takes_any_bytes_like(self, storage: Storage, kind) -> None:
+        # the pack builder hands over a bytearray; every SDK must get bytes it accepts
+        data = bytes(range(256)) * 8
+        storage.write("buf", kind(bytearray(data)))
+        storage.write("buf-new", kind(bytearray(data)), if_absent=True)
+        assert storage.read("buf") == storage.read("buf-new") == data
+
     def test_overwrite_changes_bytes_and_etag(self, storage: Storage) -> None:
         first = storage.write("k", b"aaaa")
         second = storage.write("k", b"bbbb")  # same size: the etag must still change
