@@ -159,6 +159,13 @@ class Filesystem:
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
         return [(n.name, self.attr_of(n)) for n in self.view.listdir(path)]
 
+    _TYPES = {DIR: stat_mod.S_IFDIR, LINK: stat_mod.S_IFLNK}
+
+    def readdir_types(self, path: str) -> list[tuple[str, int]]:
+        """(name, file type bits): all a FUSE directory listing passes to the kernel."""
+        types = self._TYPES
+        return [(n.name, types.get(n.kind, stat_mod.S_IFREG)) for n in self.view.listdir(path)]
+
     def readlink(self, path: str) -> str:
         n = self.node(path)
         if n.kind != LINK:

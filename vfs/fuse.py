@@ -123,10 +123,13 @@ class FuseOperations(mfusepy.Operations):
     def getattr(self, path, fh=None):
         return _stat(self.fs.getattr(_rel(path)))
 
+    def opendir(self, path):
+        return 0   # defined (not mfusepy's ignored stub) so _FUSE.opendir is registered
+
     @_errno_boundary
     def readdir(self, path, fh):
         out = [(".", {"st_mode": stat_mod.S_IFDIR}, 0), ("..", {"st_mode": stat_mod.S_IFDIR}, 0)]
-        out += [(name, {"st_mode": a.mode}, 0) for name, a in self.fs.readdir(_rel(path))]
+        out += [(name, {"st_mode": mode}, 0) for name, mode in self.fs.readdir_types(_rel(path))]
         return out
 
     @_errno_boundary
@@ -238,6 +241,18 @@ class FuseOperations(mfusepy.Operations):
 
 class _FUSE(mfusepy.FUSE):
     """mfusepy drops the flags of libfuse 3's rename; hand them to the operations."""
+
+    def opendir(self, path: bytes, fip) -> int:
+        # mfusepy's opendir drops the file info; set it here. A version never changes,
+        # so on read-only mounts the kernel may keep directory listings (cache_readdir)
+        # across opens (keep_cache): a second `find` costs no round trips.
+        fi = fip.contents
+        fi.fh = self.operations.opendir(path.decode(self.encoding, self.errors)) or 0
+        if not self.operations.fs.writable:
+            fi.keep_cache = 1
+            if hasattr(fi, "cache_readdir"):
+                fi.cache_readdir = 1
+        return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),
