@@ -138,3 +138,23 @@ def s3_url(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
     """`s3://<fresh bucket>/<prefix>`, with the environment pointing boto3 at moto."""
     apply_s3_env(monkeypatch, s3_server.env())
     return f"s3://{s3_server.make_bucket()}/repo-{secrets.token_hex(2)}"
+
+
+# ---- isolation of the user's strata state ----------------------------------------------
+STRATA_ENV = ("STRATA_REPO", "STRATA_CACHE_DIR", "STRATA_CACHE_SIZE", "STRATA_CONFIG",
+              "STRATA_RETRY_SECONDS")
+
+
+def isolate_home(tmp_path, monkeypatch):
+    """Own data, cache and config dirs for a test and every process it starts; yields the
+    home folder. Suites make it autouse through their own conftest."""
+    from strata.catalog import dataset as dataset_mod
+    home = tmp_path / "home"
+    for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
+                     ("XDG_CONFIG_HOME", "config")):
+        monkeypatch.setenv(var, str(home / sub))
+    for var in STRATA_ENV:
+        monkeypatch.delenv(var, raising=False)
+    dataset_mod._repos.clear()
+    yield home
+    dataset_mod._repos.clear()

@@ -10,9 +10,10 @@ import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import isolate_home
 from click.testing import CliRunner
 from strata.catalog import config
-from strata.catalog import dataset as dataset_mod
 from strata.catalog.repo import Repository
 from strata.cli.main import cli
 
@@ -21,16 +22,7 @@ ENV_VARS = ("STRATA_REPO", "STRATA_CACHE_DIR", "STRATA_CACHE_SIZE", "STRATA_CONF
 
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """Every test gets its own data, cache and config dirs (and so its own workspace)."""
-    home = tmp_path / "home"
-    for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
-                     ("XDG_CONFIG_HOME", "config")):
-        monkeypatch.setenv(var, str(home / sub))
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    dataset_mod._repos.clear()
-    yield home
-    dataset_mod._repos.clear()
+    yield from isolate_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture

@@ -26,8 +26,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import isolate_home
+
 from strata.catalog import config
-from strata.catalog import dataset as dataset_mod
 from strata.catalog.dataset import Dataset
 from strata.catalog.repo import Repository
 from strata.vfs import mount as mount_mod
@@ -45,16 +46,7 @@ ENV_VARS = ("STRATA_REPO", "STRATA_CACHE_DIR", "STRATA_CACHE_SIZE", "STRATA_CONF
 # ---- isolation ---------------------------------------------------------------------
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path, monkeypatch):
-    """Own data, cache and config dirs for the test and for every process it starts."""
-    home = tmp_path / "home"
-    for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
-                     ("XDG_CONFIG_HOME", "config")):
-        monkeypatch.setenv(var, str(home / sub))
-    for var in ENV_VARS:
-        monkeypatch.delenv(var, raising=False)
-    dataset_mod._repos.clear()
-    yield home
-    dataset_mod._repos.clear()
+    yield from isolate_home(tmp_path, monkeypatch)
 
 
 @pytest.fixture
