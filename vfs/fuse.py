@@ -139,8 +139,10 @@ class FuseOperations(mfusepy.Operations):
     @_errno_boundary
     def open(self, path, fi):
         fi.fh = self.fs.open(_rel(path), fi.flags)
-        if not self.fs.writable:
-            fi.keep_cache = 1   # immutable version: page cache stays valid across opens
+        # a version never changes, and in a writable mount every change passes through
+        # the kernel (discard invalidates what it drops; a commit changes no bytes): the
+        # page cache stays valid across opens
+        fi.keep_cache = 1
         return 0
 
     @_errno_boundary
