@@ -448,9 +448,8 @@ class Dataset:
         modified = sum(1 for e in entries if e.path in parent.files)
         removed = sum(1 for p in parent.files if p not in view.files)
         label = f["version"]
+        # a label taken meanwhile (even an explicit one) gives way to the next patch
         while not self.repo.claim_label(f["project"], f["name"], label, self.id):
-            if f.get("version_explicit") and label == f["version"]:
-                pass  # an explicit label lost a race: take the next patch, as DESIGN says
             label = bump_patch(label)
         rec = VersionRecord(
             id=self.id, project=f["project"], name=f["name"], version=label,
