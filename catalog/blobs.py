@@ -8,13 +8,25 @@ back are verified against the hash that names them before anyone sees them.
 Concurrency: `upload` reads and hashes in worker threads (hashlib and file reads release
 the GIL, so two cores hash in parallel) and writes blobs on the same bounded pool; the
 caller's thread alone touches the draft database, applying results as they complete.
+
+Hashing once. A file hashed at add time carries a stamp (inode and ctime) when its ctime
+was already older than SETTLE_NS at the moment it was opened: any later change or
+replacement then gives it a newer ctime (the "racy git" rule). At upload, a source whose
+stamp and size still match is trusted and not hashed again; any other source is rehashed
+and refused if its bytes changed. A chunk whose blob already exists is not even read: the
+version records the bytes that were hashed, and those are stored.
+
+Durability. On backends that support it (the local folder), blobs are written without one
+fsync each and made durable in batches of DURABLE_EVERY bytes; a placement reaches the
+draft only after its batch is durable, so a resumed upload never trusts a blob that a
+power cut may have truncated (and `Repository.put_blob` checks sizes of existing blobs).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -27,6 +39,8 @@ from strata.storage.errors import Corrupt
 READ_BLOCK = 1 << 20
 UPLOAD_WORKERS = max(4, (os.cpu_count() or 2) * 2)
 PACK_MAX_FILES = 4096   # also cap packs by count, so many tiny files build in parallel
+SETTLE_NS = 2_000_000_000   # a source unchanged for this long before hashing gets a stamp
+DURABLE_EVERY = 512 << 20   # bytes written between durability barriers
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,17 +48,25 @@ class FileHash:
     size: int
     sha256: str
     chunks: bytes | None  # concatenated chunk digests, for files >= chunk_size
+    stamp: str | None = None  # see the module docstring: set when the hash can be trusted
+
+
+def stamp_of(st: os.stat_result) -> str:
+    return f"{st.st_ino:x}:{st.st_ctime_ns:x}:{st.st_size:x}"
 
 
 def hash_file(path: str, chunk_size: int) -> FileHash:
     """sha256 of the whole file and, for large files, of each chunk, in one read pass."""
     whole = hashlib.sha256()
+    opened_ns = time.time_ns()
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < chunk_size:
+        st = os.fstat(f.fileno())
+        stamp = stamp_of(st) if st.st_ctime_ns < opened_ns - SETTLE_NS else None
+        if st.st_size < chunk_size:
             data = f.read()
             whole.update(data)
-            return FileHash(len(data), whole.hexdigest(), None)
+            return FileHash(len(data), whole.hexdigest(), None,
+                            stamp if len(data) == st.st_size else None)
         digests = bytearray()
         total = 0
         while True:
@@ -54,7 +76,8 @@ def hash_file(path: str, chunk_size: int) -> FileHash:
             whole.update(chunk)
             digests += hashlib.sha256(chunk).digest()
             total += len(chunk)
-    return FileHash(total, whole.hexdigest(), bytes(digests))
+    return FileHash(total, whole.hexdigest(), bytes(digests),
+                    stamp if total == st.st_size else None)
 
 
 def _read_exact(f, n: int) -> bytes:
@@ -80,6 +103,7 @@ class Staged:
     size: int
     sha256: str
     chunks: bytes | None
+    stamp: str | None = None   # hash_file's stamp: unchanged since hashed if it still matches
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,13 +122,24 @@ def _changed(s: Staged, why: str) -> SourceChanged:
                          "add it again, then upload")
 
 
-def _read_small(s: Staged) -> bytes:
+def _open_source(s: Staged):
+    """The staged file opened for reading, and whether its staged hash can be trusted."""
     try:
-        with open(s.source, "rb") as f:
-            data = f.read(s.size + 1)
+        f = open(s.source, "rb", buffering=0)
     except FileNotFoundError:
         raise _changed(s, "vanished") from None
-    if len(data) != s.size or hashlib.sha256(data).hexdigest() != s.sha256:
+    st = os.fstat(f.fileno())
+    if st.st_size != s.size:
+        f.close()
+        raise _changed(s, "changed size")
+    return f, s.stamp is not None and stamp_of(st) == s.stamp
+
+
+def _read_small(s: Staged) -> bytes:
+    f, trusted = _open_source(s)
+    with f:
+        data = _read_exact(f, s.size + 1)
+    if len(data) != s.size or (not trusted and hashlib.sha256(data).hexdigest() != s.sha256):
         raise _changed(s, "changed")
     return data
 
@@ -119,21 +154,36 @@ def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],
     staged = sorted(staged, key=lambda s: s.path)
     written = 0
     max_pending = UPLOAD_WORKERS + 2
+    not_durable: list[Placed] = []   # placed, but their blobs may not be durable yet
+    since_barrier = 0
+
+    def barrier() -> None:
+        nonlocal since_barrier
+        repo.make_durable()
+        if not_durable:
+            on_placed(not_durable[:])
+            not_durable.clear()
+        since_barrier = 0
+
     with ThreadPoolExecutor(UPLOAD_WORKERS, thread_name_prefix="strata-upload") as pool:
         pending: set[Future] = set()
 
         def drain(limit: int) -> None:
-            nonlocal written
+            nonlocal written, since_barrier
             while len(pending) > limit:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in done:
                     pending.discard(fut)
                     placed = fut.result()
-                    written += sum(p.new_bytes for p in placed)
+                    new = sum(p.new_bytes for p in placed)
+                    written += new
+                    since_barrier += new
                     for p in placed:
                         if p.pack:
                             dedup.setdefault(p.sha256, (p.pack, p.offset))
-                    on_placed(placed)
+                    not_durable.extend(placed)
+                if since_barrier >= DURABLE_EVERY:
+                    barrier()
 
         pack: list[Staged] = []
         pack_bytes = 0
@@ -163,7 +213,10 @@ def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],
             drain(max_pending)
         if pack:
             pending.add(pool.submit(_upload_pack, repo, pack, progress))
-        drain(0)
+        try:
+            drain(0)
+        finally:
+            barrier()   # what did finish is recorded, also when a source changed
     for s in twins:
         blob, offset = dedup[s.sha256]
         on_placed([Placed(s.path, s.sha256, blob, offset, None, 0)])
@@ -172,25 +225,29 @@ def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],
 
 
 def _upload_chunked(repo, s: Staged, progress: Progress) -> list[Placed]:
-    try:
-        f = open(s.source, "rb", buffering=0)
-    except FileNotFoundError:
-        raise _changed(s, "vanished") from None
+    f, trusted = _open_source(s)
     new = 0
     with f:
-        if os.fstat(f.fileno()).st_size != s.size:
-            raise _changed(s, "changed size")
         for i in range(len(s.chunks) // 32):
-            chunk = _read_exact(f, repo.chunk_size)
+            offset = i * repo.chunk_size
+            length = min(repo.chunk_size, s.size - offset)
             digest = s.chunks[i * 32:(i + 1) * 32]
-            if hashlib.sha256(chunk).digest() != digest:
+            if repo.has_blob(digest.hex(), length):
+                progress.advance(length)   # stored already: these are the staged bytes
+                continue
+            chunk = _read_exact_at(f, offset, length)
+            if len(chunk) != length or (not trusted
+                                        and hashlib.sha256(chunk).digest() != digest):
                 raise _changed(s, "changed")
-            if repo.put_blob(digest.hex(), chunk):
+            if repo.put_blob(digest.hex(), chunk, durable=False):
                 new += len(chunk)
             progress.advance(len(chunk))
-        if f.read(1):
-            raise _changed(s, "grew")
     return [Placed(s.path, s.sha256, None, 0, s.chunks, new)]
+
+
+def _read_exact_at(f, offset: int, length: int) -> bytes:
+    f.seek(offset)
+    return _read_exact(f, length)
 
 
 def _upload_pack(repo, members: list[Staged], progress: Progress) -> list[Placed]:
@@ -207,7 +264,7 @@ def _upload_pack(repo, members: list[Staged], progress: Progress) -> list[Placed
         offsets.append(where[s.sha256])
         progress.advance(s.size)
     blob = hashlib.sha256(buf).hexdigest()
-    new = len(buf) if repo.put_blob(blob, buf) else 0
+    new = len(buf) if repo.put_blob(blob, buf, durable=False) else 0
     return [Placed(s.path, s.sha256, blob, off, None, new if i == 0 else 0)
             for i, (s, off) in enumerate(zip(members, offsets))]
 

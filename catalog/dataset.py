@@ -376,7 +376,7 @@ class Dataset:
                         and cur.mode == c.mode and c.path in staged:
                     continue
                 rows.append((c.path, "f", c.source, h.size, h.sha256, c.mode, c.mtime_ns,
-                             h.chunks, None, None, 0, 0))
+                             h.chunks, None, None, 0, 0, h.stamp))
                 if pe is None or _hidden(c.path, hidden):
                     added += 1
                 else:

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries(
     path TEXT PRIMARY KEY, kind TEXT NOT NULL, source TEXT, size INTEGER NOT NULL,
     sha256 TEXT, mode INTEGER NOT NULL, mtime_ns INTEGER NOT NULL, chunks BLOB, target TEXT,
-    pack TEXT, offset INTEGER NOT NULL DEFAULT 0, placed INTEGER NOT NULL DEFAULT 0);
+    pack TEXT, offset INTEGER NOT NULL DEFAULT 0, placed INTEGER NOT NULL DEFAULT 0,
+    stamp TEXT);
 CREATE TABLE IF NOT EXISTS removed(path TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS dirs(path TEXT PRIMARY KEY, mode INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL);
@@ -55,6 +56,9 @@ class Draft:
         self.path = path
         self.db = sqlite3.connect(str(path), timeout=30)
         self.db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(entries)")}
+        if "stamp" not in columns:   # a draft begun by an earlier strata
+            self.db.execute("ALTER TABLE entries ADD COLUMN stamp TEXT")
 
     # ---- fields --------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -73,12 +77,13 @@ class Draft:
     # ---- change-set ----------------------------------------------------------------
     def stage(self, rows: list[tuple]) -> None:
         """rows: (path, kind, source, size, sha256, mode, mtime_ns, chunks, target,
-        pack, offset, placed). Replaces earlier entries at the same paths. Removals stay:
+        pack, offset, placed[, stamp]). Replaces earlier entries at the same paths. Removals stay:
         the version's own entries apply after them, and a removed parent folder must
         stay hidden under a file that replaces it."""
         with self.db:
             self.db.executemany(
-                "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+                "INSERT OR REPLACE INTO entries VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (r if len(r) == 13 else (*r, None) for r in rows))
 
     def unstage(self, paths: list[str]) -> None:
         with self.db:
@@ -119,7 +124,7 @@ class Draft:
 
     def unplaced(self) -> list[Staged]:
         return [Staged(*r) for r in self.db.execute(
-            "SELECT path, source, size, sha256, chunks FROM entries "
+            "SELECT path, source, size, sha256, chunks, stamp FROM entries "
             "WHERE placed=0 AND kind='f' ORDER BY path")]
 
     def unplaced_count(self) -> int:

@@ -7,6 +7,7 @@ manifests into the local cache (verified against the hash the record gives).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -222,22 +223,43 @@ class Repository:
             m.close()
 
     # ---- blobs ---------------------------------------------------------------------
-    def has_blob(self, blob_id: str) -> bool:
+    def has_blob(self, blob_id: str, size: int | None = None) -> bool:
+        """Whether the blob is stored (and, given `size`, whole: a blob cut short by a
+        crash before it was durable counts as absent, so the next upload rewrites it)."""
         try:
-            self.storage.stat(layout.blob_key(blob_id))
-            return True
+            info = self.storage.stat(layout.blob_key(blob_id))
         except NotFound:
             return False
+        return size is None or info.size == size
 
-    def put_blob(self, blob_id: str, data: bytes) -> bool:
-        """Store a blob unless present. True if bytes were written."""
-        if self.has_blob(blob_id):
-            return False
+    def put_blob(self, blob_id: str, data, *, durable: bool = True) -> bool:
+        """Store a blob unless present. True if bytes were written. With durable=False
+        the write may skip its own flush (the local folder) until `make_durable()`."""
+        key = layout.blob_key(blob_id)
         try:
-            self.storage.write(layout.blob_key(blob_id), data, if_absent=True)
-            return True
-        except PreconditionFailed:
+            info = self.storage.stat(key)
+        except NotFound:
+            info = None
+        if info is not None and info.size == len(data):
             return False
+        with self._deferred() if not durable else contextlib.nullcontext():
+            try:
+                # a blob of the wrong size is a torn write: its name fixes its bytes,
+                # so replacing it is safe
+                self.storage.write(key, data, if_absent=info is None)
+                return True
+            except PreconditionFailed:
+                return False
+
+    def _deferred(self):
+        defer = getattr(self.storage, "deferred_durability", None)
+        return defer() if defer is not None else contextlib.nullcontext()
+
+    def make_durable(self) -> None:
+        """Flush blobs written with durable=False (a no-op where writes are durable)."""
+        flush = getattr(self.storage, "make_durable", None)
+        if flush is not None:
+            flush()
 
     def read_blob(self, blob_id: str, offset: int = 0, length: int | None = None) -> bytes:
         key = layout.blob_key(blob_id)

@@ -1,0 +1,167 @@
+"""Hashing once and batched durability of uploads (catalog/blobs.py, storage/local.py)."""
+
+import hashlib
+import os
+
+import pytest
+
+from strata.catalog import Dataset, blobs, layout
+from strata.catalog.errors import SourceChanged
+from strata.catalog.repo import Repository
+from strata.storage import local
+from tests.catalog.conftest import tree, write
+
+
+@pytest.fixture
+def settled(monkeypatch):
+    """Every source counts as settled: its ctime is older than the moment it is hashed."""
+    monkeypatch.setattr(blobs, "SETTLE_NS", -1)
+
+
+@pytest.fixture
+def sha256_calls(monkeypatch):
+    """How many times the upload code hashes, counted from now on."""
+    calls = []
+    real = hashlib.sha256
+
+    def counting(*args):
+        calls.append(len(args[0]) if args else 0)
+        return real(*args)
+    monkeypatch.setattr(blobs.hashlib, "sha256", counting)
+    return calls
+
+
+def test_settled_sources_are_not_hashed_again_at_upload(tmp_path, repo_url, settled,
+                                                       sha256_calls):
+    src = tmp_path / "s"
+    for i in range(5):
+        write(src, f"small{i}", os.urandom(1000 + i))
+    write(src, "big", os.urandom(200_000))          # 4 chunks of 64 KiB
+    ds = Dataset.create("n", "p", repo=repo_url)
+    ds.add_files(src)
+    del sha256_calls[:]
+    ds.upload()
+    assert sha256_calls == [sum(1000 + i for i in range(5))]   # the pack's name, nothing else
+    ds.finalize()
+    out = tmp_path / "o"
+    Dataset.get(ds.id, repo=repo_url).get_mutable_local_copy(out)
+    assert tree(out) == tree(src)
+
+
+def test_unsettled_sources_are_hashed_again(tmp_path, repo_url, sha256_calls):
+    src = tmp_path / "s"
+    write(src, "small", os.urandom(1000))
+    write(src, "big", os.urandom(200_000))
+    ds = Dataset.create("n", "p", repo=repo_url)
+    ds.add_files(src)       # just written: too fresh to trust its ctime
+    del sha256_calls[:]
+    ds.upload()
+    assert sorted(sha256_calls) == sorted([1000, 1000] + [65536] * 3 + [200_000 - 3 * 65536])
+
+
+@pytest.mark.parametrize("size", [1000, 200_000])
+def test_settled_source_changed_after_add_is_refused(tmp_path, repo_url, settled, size):
+    src = tmp_path / "s"
+    write(src, "f", os.urandom(size))
+    ds = Dataset.create("n", "p", repo=repo_url)
+    ds.add_files(src)
+    with open(src / "f", "r+b") as f:     # same size, same name, new bytes: ctime moves on
+        f.seek(size - 10)
+        f.write(b"X" * 10)
+    with pytest.raises(SourceChanged, match="changed"):
+        ds.upload()
+
+
+def test_chunks_already_stored_are_not_read(tmp_path, repo_url, settled, monkeypatch):
+    src = tmp_path / "s"
+    data = os.urandom(300_000)
+    write(src, "big", data)
+    v1 = Dataset.create("n", "p", repo=repo_url)
+    v1.add_files(src)
+    v1.finalize(auto_upload=True)
+    with open(src / "big", "r+b") as f:    # change the last chunk only
+        f.seek(299_000)
+        f.write(b"Y" * 1000)
+    reads = []
+    real = blobs._read_exact_at
+    monkeypatch.setattr(blobs, "_read_exact_at",
+                        lambda f, off, n: reads.append(off) or real(f, off, n))
+    v2 = Dataset.create("n", "p", parent_datasets=[v1.id], repo=repo_url)
+    v2.add_files(src)
+    v2.finalize(auto_upload=True)
+    assert reads == [4 * 65536]
+    out = tmp_path / "o"
+    Dataset.get(v2.id, repo=repo_url).get_mutable_local_copy(out)
+    assert (out / "big").read_bytes() == data[:299_000] + b"Y" * 1000
+
+
+def test_deferred_writes_are_fsynced_only_by_make_durable(tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(local.os, "fsync",
+                        lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")) or real(fd))
+    st = local.LocalStorage(tmp_path / "r")
+    st.write("plain", b"1")
+    assert len(synced) == 1 and synced[0].endswith(tuple("0123456789abcdef"))  # its temp file
+    del synced[:]
+    with st.deferred_durability():
+        st.write("a/x", b"2", if_absent=True)
+        st.write("a/y", b"3")
+    assert synced == []
+    st.make_durable()
+    assert sorted(synced) == [str(tmp_path / "r" / "a" / "x"), str(tmp_path / "r" / "a" / "y")]
+    st.make_durable()
+    assert len(synced) == 2          # nothing left to flush
+
+
+def test_placements_reach_the_draft_only_after_their_blobs_are_durable(tmp_path, repo_url,
+                                                                       monkeypatch):
+    monkeypatch.setattr(blobs, "DURABLE_EVERY", 100_000)   # several barriers
+    durable: set[str] = set()
+    real = local.LocalStorage.make_durable
+
+    def make_durable(self):
+        durable.update(os.path.relpath(p, self.root) for p in self._unsynced)
+        real(self)
+    monkeypatch.setattr(local.LocalStorage, "make_durable", make_durable)
+    src = tmp_path / "s"
+    for i in range(3):
+        write(src, f"big{i}", os.urandom(150_000))
+    for i in range(40):
+        write(src, f"small/{i}", os.urandom(20_000))
+    repo = Repository.open(repo_url)
+    staged = [blobs.Staged(f"p/{name}", str(src / name), len(data),
+                           hashlib.sha256(data).hexdigest(),
+                           blobs.hash_file(str(src / name), repo.chunk_size).chunks)
+              for name, data in tree(src).items()]
+    placed_calls = []
+
+    def on_placed(placed):
+        placed_calls.append(len(placed))
+        for p in placed:
+            ids = [p.pack] if p.pack else [p.chunks[i:i + 32].hex()
+                                           for i in range(0, len(p.chunks), 32)]
+            for blob in ids:
+                assert layout.blob_key(blob) in durable, f"{p.path}: {blob} not durable yet"
+    written = blobs.upload(repo, staged, dedup={}, on_placed=on_placed)
+    assert written == 3 * 150_000 + 40 * 20_000
+    assert sum(placed_calls) == 43 and len(placed_calls) >= 2   # a barrier mid-upload
+
+
+def test_a_torn_blob_is_rewritten_by_the_next_upload(tmp_path, repo_url):
+    src = tmp_path / "s"
+    data = os.urandom(200_000)
+    write(src, "big", data)
+    v1 = Dataset.create("n", "p", repo=repo_url)
+    v1.add_files(src)
+    v1.finalize(auto_upload=True)
+    entry = v1.repo.manifest(v1.id).lookup("big")
+    victim = os.path.join(repo_url, layout.blob_key(entry.chunk_ids[1]))
+    os.truncate(victim, 100)         # a power cut before the blob was durable
+    v2 = Dataset.create("other", "p", repo=repo_url)
+    v2.add_files(src)
+    v2.finalize(auto_upload=True)
+    assert os.path.getsize(victim) == 65536
+    out = tmp_path / "o"
+    Dataset.get(v1.id, repo=repo_url).get_mutable_local_copy(out)
+    assert (out / "big").read_bytes() == data
