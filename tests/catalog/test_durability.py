@@ -72,13 +72,18 @@ def test_settled_source_changed_after_add_is_refused(tmp_path, repo_url, settled
         ds.upload()
 
 
-def test_chunks_already_stored_are_not_read(tmp_path, repo_url, settled, monkeypatch):
+def one_big_file_version(tmp_path, repo_url, size):
     src = tmp_path / "s"
-    data = os.urandom(300_000)
+    data = os.urandom(size)
     write(src, "big", data)
     v1 = Dataset.create("n", "p", repo=repo_url)
     v1.add_files(src)
     v1.finalize(auto_upload=True)
+    return src, data, v1
+
+
+def test_chunks_already_stored_are_not_read(tmp_path, repo_url, settled, monkeypatch):
+    src, data, v1 = one_big_file_version(tmp_path, repo_url, 300_000)
     with open(src / "big", "r+b") as f:    # change the last chunk only
         f.seek(299_000)
         f.write(b"Y" * 1000)
@@ -149,12 +154,7 @@ def test_placements_reach_the_draft_only_after_their_blobs_are_durable(tmp_path,
 
 
 def test_a_torn_blob_is_rewritten_by_the_next_upload(tmp_path, repo_url):
-    src = tmp_path / "s"
-    data = os.urandom(200_000)
-    write(src, "big", data)
-    v1 = Dataset.create("n", "p", repo=repo_url)
-    v1.add_files(src)
-    v1.finalize(auto_upload=True)
+    src, data, v1 = one_big_file_version(tmp_path, repo_url, 200_000)
     entry = v1.repo.manifest(v1.id).lookup("big")
     victim = os.path.join(repo_url, layout.blob_key(entry.chunk_ids[1]))
     os.truncate(victim, 100)         # a power cut before the blob was durable
