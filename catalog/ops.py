@@ -6,16 +6,14 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Sequence
 
-from strata.catalog import config, layout, paths
+from strata.catalog import layout
 from strata.catalog import draft as drafts
 from strata.catalog.blobs import iter_entry_bytes
 from strata.catalog.dataset import Dataset, open_repo
-from strata.catalog.errors import (BadArgument, HasChildren, LabelTaken, UnknownVersion,
-                                   WrongState)
+from strata.catalog.errors import (BadArgument, HasChildren, LabelTaken, UnknownVersion)
 from strata.catalog.merge import merge_parents
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, semver_key

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from strata.storage.base import ObjectInfo, check_range_args, check_write_args
+from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
     MissingDependency,
     NotFound,
@@ -46,6 +45,7 @@ from strata.storage.errors import (
     Transient,
 )
 from strata.storage.retry import attempt_timeout
+from strata.storage.sdk import ClientCache, OutOfRange, ranged_read
 from strata.storage.url import StorageURL, check_key, check_prefix
 
 try:
@@ -68,9 +68,7 @@ CONNECTION_STRING_ENV = "AZURE_STORAGE_CONNECTION_STRING"
 KEY_ENV = "AZURE_STORAGE_KEY"
 SAS_ENV = "AZURE_STORAGE_SAS_TOKEN"
 
-_MAX_CLIENTS = 8  # distinct (account, credentials) in one process; more only in tests
-_clients: dict[tuple, Any] = {}
-_clients_lock = threading.Lock()
+_clients = ClientCache()   # one service client per (account, credentials, timeouts)
 
 _CREDENTIALS_HINT = (
     f"set {CONNECTION_STRING_ENV}, {KEY_ENV} or {SAS_ENV}, put account_key or sas_token "
@@ -78,16 +76,12 @@ _CREDENTIALS_HINT = (
 )
 
 
-class _OutOfRange(StorageError):
-    """HTTP 416: a range that starts at or past the end; read_range turns it into b''."""
-
-
 # Azure error code (x-ms-error-code) -> our error; checked before the bare status below.
 _CODES: dict[str, tuple[type[StorageError], str]] = {
     "BlobNotFound": (NotFound, "no such object"),
     "BlobAlreadyExists": (PreconditionFailed, "object exists"),
     "ConditionNotMet": (PreconditionFailed, "object changed since it was read"),
-    "InvalidRange": (_OutOfRange, "range not satisfiable"),
+    "InvalidRange": (OutOfRange, "range not satisfiable"),
     "AuthenticationFailed": (PermissionDenied, "authentication failed"),
     "AuthorizationFailure": (PermissionDenied, "not authorized"),
     "AuthorizationPermissionMismatch": (PermissionDenied, "not authorized for this operation"),
@@ -104,7 +98,7 @@ _STATUSES: dict[int, tuple[type[StorageError], str]] = {
     404: (NotFound, "no such object"),
     408: (Transient, "Azure request timed out"),
     412: (PreconditionFailed, "object exists or changed since it was read"),
-    416: (_OutOfRange, "range not satisfiable"),
+    416: (OutOfRange, "range not satisfiable"),
     429: (Transient, "throttled by Azure (429)"),
 }
 
@@ -217,15 +211,8 @@ def make_service_client(account: str, host: str, credentials: Credentials) -> An
     timeouts (which follow the retry budget)."""
     sdk = _sdk()
     timeouts = (attempt_timeout(CONNECT_TIMEOUT), attempt_timeout(READ_TIMEOUT))
-    key = (account, host, credentials, timeouts)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
-            if len(_clients) >= _MAX_CLIENTS:
-                _clients.clear()
-            client = _clients[key] = _new_service_client(sdk, account, host, credentials,
-                                                         timeouts)
-        return client
+    return _clients.get((account, host, credentials, timeouts),
+                        lambda: _new_service_client(sdk, account, host, credentials, timeouts))
 
 
 def _new_service_client(sdk: SimpleNamespace, account: str, host: str,
@@ -301,18 +288,11 @@ class AzureStorage:
             return blob.download_blob(max_concurrency=1).readall()
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        check_range_args(offset, length)
-        blob = self._blob(key)
-        if length == 0:
-            self.stat(key)  # an empty range has no HTTP form, but a missing key must still fail
-            return b""
-        try:
+        def fetch() -> bytes:
             with self._translated(self.url_for(key), reading=True):
-                data = blob.download_blob(offset=offset, length=length,
-                                          max_concurrency=1).readall()
-        except _OutOfRange:
-            return b""  # the range starts at or past the end: no bytes, not an error
-        return data[:length]
+                return self._blob(key).download_blob(offset=offset, length=length,
+                                                     max_concurrency=1).readall()
+        return ranged_read(self, key, offset, length, fetch)
 
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any, Iterator
 
-from strata.storage.base import ObjectInfo, check_range_args, check_write_args
+from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
     MissingDependency,
     NotFound,
@@ -40,6 +39,7 @@ from strata.storage.errors import (
     Transient,
 )
 from strata.storage.retry import attempt_timeout
+from strata.storage.sdk import ClientCache, OutOfRange, environment_key, ranged_read
 from strata.storage.url import StorageURL, check_key, check_prefix
 
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
@@ -51,19 +51,13 @@ RESUMABLE_THRESHOLD = 8 << 20  # the SDK's own switch from one multipart request
 RESUMABLE_CHUNK = 8 << 20  # bytes per resumable request (a multiple of 256 KiB)
 PAGE_SIZE = 1000  # objects per listing page, the GCS maximum
 
-_MAX_CLIENTS = 8  # distinct Google environments in one process; more only in tests
 _ENV_PREFIXES = ("GOOGLE_", "GCLOUD_", "CLOUDSDK_", EMULATOR_ENV)
-_clients: dict[tuple[tuple[str, str], ...], tuple[Any, bool]] = {}
-_clients_lock = threading.Lock()
+_clients = ClientCache()   # (client, anonymous) per distinct Google environment
 
 _CREDENTIALS_HINT = (
     "no Google credentials found (set GOOGLE_APPLICATION_CREDENTIALS to a service account "
     "key file, or run `gcloud auth application-default login`)"
 )
-
-
-class _OutOfRange(StorageError):
-    """HTTP 416: a range that starts at or past the end; read_range turns it into b''."""
 
 
 # HTTP status -> our error. GCS reports most failures by status alone.
@@ -73,7 +67,7 @@ _STATUSES: dict[int, tuple[type[StorageError], str]] = {
     404: (NotFound, "no such object"),
     408: (Transient, "GCS request timed out"),
     412: (PreconditionFailed, "object exists or changed since it was read"),
-    416: (_OutOfRange, "range not satisfiable"),
+    416: (OutOfRange, "range not satisfiable"),
     429: (Transient, "throttled by GCS (429)"),
 }
 
@@ -107,14 +101,7 @@ def make_client() -> tuple[Any, bool]:
     variables: a changed environment gets a client of its own.
     """
     sdk = _sdk()
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
-    with _clients_lock:
-        entry = _clients.get(key)
-        if entry is None:
-            if len(_clients) >= _MAX_CLIENTS:
-                _clients.clear()
-            entry = _clients[key] = _new_client(sdk)
-        return entry
+    return _clients.get(environment_key(*_ENV_PREFIXES), lambda: _new_client(sdk))
 
 
 def _new_client(sdk: SimpleNamespace) -> tuple[Any, bool]:
@@ -179,19 +166,12 @@ class GCSStorage:
             return blob.download_as_bytes(retry=None, timeout=self.timeout)
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        check_range_args(offset, length)
-        blob = self._blob(key)
-        if length == 0:
-            self.stat(key)  # an empty range has no HTTP form, but a missing key must still fail
-            return b""
-        try:
+        def fetch() -> bytes:
             with self._translated(self.url_for(key)):
                 # `end` is inclusive in the SDK, as in an HTTP Range header
-                data = blob.download_as_bytes(start=offset, end=offset + length - 1,
-                                              retry=None, timeout=self.timeout)
-        except _OutOfRange:
-            return b""  # the range starts at or past the end: no bytes, not an error
-        return data[:length]
+                return self._blob(key).download_as_bytes(
+                    start=offset, end=offset + length - 1, retry=None, timeout=self.timeout)
+        return ranged_read(self, key, offset, length, fetch)
 
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:

@@ -18,12 +18,10 @@ strata's.
 
 from __future__ import annotations
 
-import os
-import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from strata.storage.base import ObjectInfo, check_range_args, check_write_args
+from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
     MissingDependency,
     NotFound,
@@ -33,6 +31,7 @@ from strata.storage.errors import (
     Transient,
 )
 from strata.storage.retry import attempt_timeout
+from strata.storage.sdk import ClientCache, OutOfRange, environment_key, ranged_read
 from strata.storage.url import StorageURL, check_key, check_prefix
 
 DEFAULT_REGION = "us-east-1"
@@ -41,18 +40,12 @@ CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # per socket read, not per object: a stalled server fails within this
 # Both are cut down to the retry budget by retry.attempt_timeout (STRATA_RETRY_SECONDS).
 
-_MAX_CLIENTS = 8  # distinct AWS environments in one process; more only in tests
-_clients: dict[tuple[tuple[str, str], ...], Any] = {}
-_clients_lock = threading.Lock()
+_clients = ClientCache()   # one client per distinct AWS environment
 
 _CREDENTIALS_HINT = (
     "no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
     "AWS_PROFILE, or run with an instance role)"
 )
-
-
-class _OutOfRange(StorageError):
-    """HTTP 416: a range that starts at or past the end; read_range turns it into b''."""
 
 
 _UNKNOWN_KEY = "unknown AWS access key id (check AWS_ACCESS_KEY_ID or AWS_PROFILE)"
@@ -64,8 +57,8 @@ _CODES: dict[str, tuple[type[StorageError], str]] = {
     "NoSuchKey": (NotFound, "no such object"),
     "NotFound": (NotFound, "no such object"),
     "404": (NotFound, "no such object"),
-    "InvalidRange": (_OutOfRange, "range not satisfiable"),
-    "416": (_OutOfRange, "range not satisfiable"),
+    "InvalidRange": (OutOfRange, "range not satisfiable"),
+    "416": (OutOfRange, "range not satisfiable"),
     "PreconditionFailed": (PreconditionFailed, "object exists or changed since it was read"),
     "412": (PreconditionFailed, "object exists or changed since it was read"),
     "ConditionalRequestConflict": (Transient, "conflicting concurrent conditional write"),
@@ -110,28 +103,24 @@ def make_client() -> Any:
     """
     boto3, Config = _import_boto3()
     timeouts = (attempt_timeout(CONNECT_TIMEOUT), attempt_timeout(READ_TIMEOUT))
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))) + \
-        (("timeouts", repr(timeouts)),)
-    with _clients_lock:  # boto3 sessions are not thread-safe; their clients are
-        client = _clients.get(key)
-        if client is None:
-            if len(_clients) >= _MAX_CLIENTS:
-                _clients.clear()
-            session = boto3.session.Session()
-            config = Config(
-                max_pool_connections=POOL_SIZE,
-                connect_timeout=timeouts[0],
-                read_timeout=timeouts[1],
-                # total_max_attempts counts the first try; botocore's `max_attempts` would not.
-                retries={"total_max_attempts": 1, "mode": "standard"},
-                # botocore >= 1.36 adds CRC checksums to every upload by default, which several
-                # S3-compatible stores reject; strata verifies every blob by its sha256 anyway.
-                request_checksum_calculation="when_required",
-                response_checksum_validation="when_required",
-            )
-            client = _clients[key] = session.client(
-                "s3", region_name=session.region_name or DEFAULT_REGION, config=config)
-        return client
+    key = environment_key("AWS_") + (("timeouts", repr(timeouts)),)
+
+    def make() -> Any:   # under the cache's lock: boto3 sessions are not thread-safe
+        session = boto3.session.Session()
+        config = Config(
+            max_pool_connections=POOL_SIZE,
+            connect_timeout=timeouts[0],
+            read_timeout=timeouts[1],
+            # total_max_attempts counts the first try; botocore's `max_attempts` would not.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            # botocore >= 1.36 adds CRC checksums to every upload by default, which several
+            # S3-compatible stores reject; strata verifies every blob by its sha256 anyway.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return session.client("s3", region_name=session.region_name or DEFAULT_REGION,
+                              config=config)
+    return _clients.get(key, make)
 
 
 class S3Storage:
@@ -156,22 +145,17 @@ class S3Storage:
             return response["Body"].read()  # inside: a dropped body is translated too
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
-        check_range_args(offset, length)
-        if length == 0:
-            self.stat(key)  # an empty range has no HTTP form, but a missing key must still fail
-            return b""
-        try:
+        def fetch() -> bytes:
             with self._translated(self.url_for(key)):
                 response = self._client.get_object(
                     Bucket=self.bucket, Key=self._full(key),
                     Range=f"bytes={offset}-{offset + length - 1}",
                 )
                 data = response["Body"].read()
-        except _OutOfRange:
-            return b""  # the range starts at or past the end: no bytes, not an error
-        if not response.get("ContentRange"):  # a store that ignored Range sent it all
-            data = data[offset:offset + length]
-        return data
+            if not response.get("ContentRange"):  # a store that ignored Range sent it all
+                data = data[offset:offset + length]
+            return data
+        return ranged_read(self, key, offset, length, fetch)
 
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:

@@ -1,6 +1,5 @@
 import os
 
-import pytest
 
 from strata.catalog import Dataset, blobs
 from strata.catalog.ops import compare, squash

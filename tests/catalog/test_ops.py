@@ -1,4 +1,3 @@
-import json
 import os
 import sqlite3
 import threading
@@ -10,7 +9,6 @@ from strata.catalog import dataset as dataset_mod
 from strata.catalog.errors import HasChildren, InvalidPath, TargetNotEmpty, BadArgument
 from strata.catalog.materialize import select_part
 from strata.catalog.ops import delete, gc, list_datasets, log, rename
-from strata.catalog.repo import Repository
 from strata.storage.errors import Transient
 from tests.catalog.conftest import tree, write
 

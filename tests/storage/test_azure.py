@@ -12,6 +12,7 @@ pytest.importorskip("azure.storage.blob")
 
 from azure.core import exceptions as ax  # noqa: E402 - after the importorskip
 
+from strata.storage.sdk import OutOfRange
 from strata.storage import (  # noqa: E402
     InvalidURL,
     MissingDependency,
@@ -315,7 +316,7 @@ CREDENTIALS = Credentials("AZURE_STORAGE_CONNECTION_STRING", connection_string="
     (_http_error(ax.HttpResponseError, 500, "OperationTimedOut"), Transient),
     (_http_error(ax.HttpResponseError, 502, None), Transient),
     (_http_error(ax.HttpResponseError, 429, None), Transient),
-    (_http_error(ax.HttpResponseError, 416, "InvalidRange"), azure_backend._OutOfRange),
+    (_http_error(ax.HttpResponseError, 416, "InvalidRange"), OutOfRange),
     (_http_error(ax.HttpResponseError, 409, "LeaseIdMissing"), StorageError),
     (_http_error(ax.HttpResponseError, 400, "InvalidHeaderValue"), StorageError),
     (ax.ClientAuthenticationError(message="DefaultAzureCredential failed"), PermissionDenied),

@@ -15,6 +15,7 @@ import requests  # noqa: E402 - after the importorskip
 from google.api_core import exceptions as gx  # noqa: E402
 from google.auth import exceptions as auth_errors  # noqa: E402
 
+from strata.storage.sdk import OutOfRange
 from strata.storage import (  # noqa: E402
     InvalidURL,
     MissingDependency,
@@ -247,7 +248,7 @@ class _Response:
     (gx.BadGateway("oops"), Transient),
     (gx.ServiceUnavailable("oops"), Transient),
     (gx.GatewayTimeout("oops"), Transient),
-    (gx.RequestRangeNotSatisfiable("range"), gcs._OutOfRange),
+    (gx.RequestRangeNotSatisfiable("range"), OutOfRange),
     (gx.BadRequest("invalid"), StorageError),
     (requests.exceptions.ConnectionError("refused"), Transient),
     (requests.exceptions.ConnectTimeout("slow"), Transient),
