@@ -59,40 +59,28 @@ def hash_file(path: str, chunk_size: int) -> FileHash:
     """sha256 of the whole file and, for large files, of each chunk, in one read pass."""
     whole = hashlib.sha256()
     opened_ns = time.time_ns()
-    with open(path, "rb", buffering=0) as f:
-        st = os.fstat(f.fileno())
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
         stamp = stamp_of(st) if st.st_ctime_ns < opened_ns - SETTLE_NS else None
         if st.st_size < chunk_size:
-            data = f.read()
+            data = _pread_exact(fd, 0, min(st.st_size + 1, chunk_size))
             whole.update(data)
             return FileHash(len(data), whole.hexdigest(), None,
                             stamp if len(data) == st.st_size else None)
         digests = bytearray()
         total = 0
         while True:
-            chunk = _read_exact(f, chunk_size)
+            chunk = _pread_exact(fd, total, chunk_size)
             if not chunk:
                 break
             whole.update(chunk)
             digests += hashlib.sha256(chunk).digest()
             total += len(chunk)
+    finally:
+        os.close(fd)
     return FileHash(total, whole.hexdigest(), bytes(digests),
                     stamp if total == st.st_size else None)
-
-
-def _read_exact(f, n: int) -> bytes:
-    buf = f.read(n)
-    if buf is None or len(buf) == n or not buf:
-        return buf or b""
-    parts = [buf]
-    got = len(buf)
-    while got < n:
-        more = f.read(n - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,26 +110,45 @@ def _changed(s: Staged, why: str) -> SourceChanged:
                          "add it again, then upload")
 
 
-def _open_source(s: Staged):
-    """The staged file opened for reading, and whether its staged hash can be trusted."""
+def _open_source(s: Staged) -> tuple[int, bool]:
+    """A descriptor of the staged file, and whether its staged hash can be trusted.
+    (Plain descriptors: a Python file object per small file costs more than its bytes.)"""
     try:
-        f = open(s.source, "rb", buffering=0)
+        fd = os.open(s.source, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _changed(s, "vanished") from None
-    st = os.fstat(f.fileno())
+    st = os.fstat(fd)
     if st.st_size != s.size:
-        f.close()
+        os.close(fd)
         raise _changed(s, "changed size")
-    return f, s.stamp is not None and stamp_of(st) == s.stamp
+    return fd, s.stamp is not None and stamp_of(st) == s.stamp
 
 
 def _read_small(s: Staged) -> bytes:
-    f, trusted = _open_source(s)
-    with f:
-        data = _read_exact(f, s.size + 1)
+    fd, trusted = _open_source(s)
+    try:
+        data = _pread_exact(fd, 0, s.size + 1)
+    finally:
+        os.close(fd)
     if len(data) != s.size or (not trusted and hashlib.sha256(data).hexdigest() != s.sha256):
         raise _changed(s, "changed")
     return data
+
+
+def _pread_exact(fd: int, offset: int, length: int) -> bytes:
+    """Up to `length` bytes at `offset`, fewer only at the end of the file."""
+    data = os.pread(fd, length, offset)
+    if len(data) == length or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < length:
+        more = os.pread(fd, length - got, offset + got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
 
 
 def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],
@@ -225,9 +232,9 @@ def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],
 
 
 def _upload_chunked(repo, s: Staged, progress: Progress) -> list[Placed]:
-    f, trusted = _open_source(s)
+    fd, trusted = _open_source(s)
     new = 0
-    with f:
+    try:
         for i in range(len(s.chunks) // 32):
             offset = i * repo.chunk_size
             length = min(repo.chunk_size, s.size - offset)
@@ -235,19 +242,16 @@ def _upload_chunked(repo, s: Staged, progress: Progress) -> list[Placed]:
             if repo.has_blob(digest.hex(), length):
                 progress.advance(length)   # stored already: these are the staged bytes
                 continue
-            chunk = _read_exact_at(f, offset, length)
+            chunk = _pread_exact(fd, offset, length)
             if len(chunk) != length or (not trusted
                                         and hashlib.sha256(chunk).digest() != digest):
                 raise _changed(s, "changed")
             if repo.put_blob(digest.hex(), chunk, durable=False):
                 new += len(chunk)
             progress.advance(len(chunk))
+    finally:
+        os.close(fd)
     return [Placed(s.path, s.sha256, None, 0, s.chunks, new)]
-
-
-def _read_exact_at(f, offset: int, length: int) -> bytes:
-    f.seek(offset)
-    return _read_exact(f, length)
 
 
 def _upload_pack(repo, members: list[Staged], progress: Progress) -> list[Placed]:

@@ -87,12 +87,12 @@ def test_chunks_already_stored_are_not_read(tmp_path, repo_url, settled, monkeyp
     with open(src / "big", "r+b") as f:    # change the last chunk only
         f.seek(299_000)
         f.write(b"Y" * 1000)
-    reads = []
-    real = blobs._read_exact_at
-    monkeypatch.setattr(blobs, "_read_exact_at",
-                        lambda f, off, n: reads.append(off) or real(f, off, n))
     v2 = Dataset.create("n", "p", parent_datasets=[v1.id], repo=repo_url)
     v2.add_files(src)
+    reads = []
+    real = blobs._pread_exact
+    monkeypatch.setattr(blobs, "_pread_exact",
+                        lambda fd, off, n: reads.append(off) or real(fd, off, n))
     v2.finalize(auto_upload=True)
     assert reads == [4 * 65536]
     out = tmp_path / "o"
