@@ -51,6 +51,7 @@ def stage_changes(ds: Dataset, changes: ChangeSet, progress: Progress = NO_PROGR
         rows.append((path, "l", None, len(target.encode()), None, 0o777, mtime_ns, None,
                      target, None, 0, 1))
     if rows:
+        ds._displace(d, [r[0] for r in rows])
         d.stage(rows)
     if changes.dirs:
         d.add_dirs([(paths.clean(p), m, t) for p, m, t in changes.dirs])

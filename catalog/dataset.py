@@ -382,11 +382,28 @@ class Dataset:
                 else:
                     modified += 1
         progress.done()
+        self._displace(d, [r[0] for r in rows], [p for p, _, _ in dirs])
         d.stage(rows)
         if dirs:
             d.add_dirs(dirs)
         self._changed()
         return added, modified
+
+    def _displace(self, d: drafts.Draft, files: list[str], folders: list[str] = ()) -> None:
+        """A path staged where the parent has the other kind of thing replaces it: a file
+        (or link) over a parent's folder removes the folder and everything under it; a
+        file or folder under what was a parent's file removes that file. Without the
+        removal, the merge would show a file and a folder of one name."""
+        parent = self.parent_view()
+        if not parent.files or not (files or folders):
+            return
+        parent_folders = parent.all_dirs() if files else set()
+        gone = {p for p in files if p in parent_folders}
+        gone.update(p for p in folders if p in parent.files)
+        for path in (*files, *folders):
+            gone.update(a for a in paths.ancestors(path) if a in parent.files)
+        if gone:
+            d.remove(sorted(gone))
 
     # ---- upload / finalize ---------------------------------------------------------
     def upload(self, show_progress: bool = True, verbose: bool = False,

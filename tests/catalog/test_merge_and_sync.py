@@ -143,3 +143,15 @@ def test_compare_and_squash(tmp_path, repo_url):
     # several versions merge in order like parents: b overrides a, a's y stays
     both = squash("both", [a.id, b.id], repo=repo_url)
     assert materialize(both, tmp_path, "o2") == {"x": b"changed", "y": b"2", "z": b"3"}
+
+
+def test_a_file_replacing_a_parent_folder_and_the_reverse(tmp_path, repo_url):
+    parent = version(repo_url, tmp_path / "p", {"d/x": "1", "d/e/z": "2", "b": "file b"})
+    child = Dataset.create("n", "p", parent_datasets=[parent.id], repo=repo_url)
+    write(tmp_path / "c", "d", "now a file")
+    write(tmp_path / "c", "b/x", "now a folder")
+    child.add_files(tmp_path / "c")
+    child.finalize(auto_upload=True)
+    assert sorted(child.list_files()) == ["b/x", "d"]
+    assert materialize(child, tmp_path, "out") == {"d": b"now a file", "b/x": b"now a folder"}
+    assert sorted(child.list_removed_files()) == ["b", "d/e/z", "d/x"]
