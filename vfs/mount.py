@@ -3,17 +3,13 @@ a background process that logs to a file, unmount, and clean up stale mounts.
 
 A background mount is this module run as a program (`python -m strata.vfs.mount ...`)
 in its own session; the starter returns once the mountpoint is live, or reports the
-child's last log line if it died first. A registry file per mountpoint in the workspace
-(mounts/<hash>.json) records pid, version and log, so `unmount` and the next `mount` can
-tell a live mount from one left by a killed process.
+child's last log line if it died first. Which mounts exist, stale-mount cleanup and
+unmounting are in strata.vfs.registry.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import hashlib
-import json
 import logging
 import os
 import signal
@@ -21,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from strata.catalog import config
@@ -30,151 +25,15 @@ from strata.storage.cache import UnitCache
 from strata.vfs.core import Filesystem
 from strata.vfs.errors import MountError
 from strata.vfs.reader import Reader
+from strata.vfs.registry import (  # noqa: F401  (re-exported: callers use strata.vfs.mount)
+    MountInfo, _registry_path, all_mounts, clean_stale, control_call, control_path,
+    is_mounted, mountinfo_line, register, registered, unmount, unregister)
 from strata.vfs.views import VersionView
 
 log = logging.getLogger("strata.vfs")
 
 READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    mountpoint: str
-    pid: int
-    version: str
-    repo: str
-    log: str
-    writable: bool = False
-    started: float = 0.0
-    overlay: str = ""
-    control: str = ""       # Unix socket of the server's control channel (writable mounts)
-
-
-# ---- registry -----------------------------------------------------------------------
-def _registry_path(mountpoint: str) -> Path:
-    key = hashlib.sha256(_real(mountpoint).encode()).hexdigest()[:16]
-    return config.workspace_dir() / "mounts" / f"{key}.json"
-
-
-def registered(mountpoint: str) -> MountInfo | None:
-    try:
-        return MountInfo(**json.loads(_registry_path(mountpoint).read_text()))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
-
-
-def _control_path(mountpoint: str) -> str:
-    """A short path for the control socket (Unix socket paths are limited to 108 bytes):
-    a private folder under the runtime dir, keyed like the registry entry."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    folder = os.path.join(base, f"strata-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    os.chmod(folder, 0o700)
-    key = hashlib.sha256(f"{config.workspace_dir()}|{_real(mountpoint)}".encode()).hexdigest()
-    return os.path.join(folder, key[:20] + ".sock")
-
-
-def _register(info: MountInfo) -> None:
-    path = _registry_path(info.mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=1))
-    os.replace(tmp, path)
-
-
-def _unregister(mountpoint: str) -> None:
-    _registry_path(mountpoint).unlink(missing_ok=True)
-
-
-def all_mounts() -> list[MountInfo]:
-    folder = config.workspace_dir() / "mounts"
-    out = []
-    for p in sorted(folder.glob("*.json")) if folder.exists() else ():
-        try:
-            out.append(MountInfo(**json.loads(p.read_text())))
-        except (ValueError, TypeError):
-            continue
-    return out
-
-
-# ---- kernel mount table -----------------------------------------------------------
-def _real(mountpoint: str) -> str:
-    # realpath() of the mountpoint itself would stat it: a FUSE request that deadlocks
-    # while the server is still in its init callback. Resolve the parent only.
-    mountpoint = os.path.abspath(mountpoint)
-    return os.path.join(os.path.realpath(os.path.dirname(mountpoint)),
-                        os.path.basename(mountpoint))
-
-
-def _mountinfo_line(mountpoint: str) -> list[str] | None:
-    target = _real(mountpoint)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return fields
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def is_mounted(mountpoint: str) -> bool:
-    return _mountinfo_line(mountpoint) is not None
-
-
-def _alive(pid: int) -> bool:
-    """True if `pid` is a running mount server (not a zombie, not a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X") and b"strata" in cmdline
-
-
-def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
-    for tool in ("fusermount3", "fusermount"):
-        try:
-            args = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
-            return subprocess.run(args, capture_output=True, text=True)
-        except FileNotFoundError:
-            continue
-    args = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
-    return subprocess.run(args, capture_output=True, text=True)
-
-
-def clean_stale(mountpoint: str) -> str | None:
-    """Detach a mount whose server process is gone (kill -9, crash). Returns a message
-    saying what was cleaned, or None if there was nothing stale."""
-    info = registered(mountpoint)
-    stale = False
-    try:
-        # statfs, not stat: the kernel answers stat of a dead mount's root from attributes
-        # it cached (our attr_timeout is an hour), but always asks the server for statfs
-        os.statvfs(mountpoint)
-    except OSError as e:
-        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED when the request
-        # was queued while the dying server's threads were still closing /dev/fuse
-        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-            stale = True
-    if info is not None and not _alive(info.pid):
-        stale = True
-    if not stale:
-        return None
-    if is_mounted(mountpoint):
-        _fusermount(mountpoint, lazy=True)
-    _unregister(mountpoint)
-    who = f" (pid {info.pid}, version {info.version})" if info else ""
-    return f"cleaned up a stale mount at {mountpoint} left by a process that died{who}"
 
 
 # ---- building and serving -----------------------------------------------------------
@@ -194,7 +53,7 @@ def build(repo_url: str | None, version_id: str, *, cache_size: int | None = Non
 
 def _raise_read_ahead(mountpoint: str) -> None:
     """A 1 MiB kernel readahead for the mount; no mount option sets it, only sysfs."""
-    fields = _mountinfo_line(mountpoint)
+    fields = mountinfo_line(mountpoint)
     if not fields:
         return
     try:
@@ -236,7 +95,7 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
         session = Session(repo, overlay, version_id, reader)
         fs = Filesystem(session.build_view(), writable=True)
         session.fs = fs
-        control = _control_path(mountpoint)
+        control = control_path(mountpoint)
     info = MountInfo(mountpoint, os.getpid(), version_id, repo.url, log_path, writable,
                      time.time(), overlay or "", control)
     ops = FuseOperations(fs)
@@ -256,7 +115,7 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
                          daemon=True).start()
         if session is not None:
             server = _serve_control(control, session, ops)
-        _register(info)
+        register(info)
         log.info("mounted version %s of %s at %s%s", version_id, repo.url, mountpoint,
                  f" (writable, overlay {overlay})" if writable else "")
 
@@ -273,7 +132,7 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
                 pass
         reader.close()
         cache.close()
-        _unregister(mountpoint)
+        unregister(mountpoint)
         log.info("unmounted %s", mountpoint)
 
 
@@ -296,19 +155,6 @@ def _serve_control(path: str, session, ops):
         return {"discarded": dropped}
 
     return control.serve(path, {"status": status, "commit": commit, "discard": discard})
-
-
-def control_call(mountpoint: str, op: str, **args) -> dict:
-    """Send a control request to the writable mount at `mountpoint`."""
-    from strata.vfs import control
-    mountpoint = os.path.abspath(mountpoint)
-    info = registered(mountpoint)
-    if info is None or not is_mounted(mountpoint):
-        raise MountError(f"{mountpoint} is not a strata mount")
-    if not info.writable or not info.control:
-        raise MountError(f"{mountpoint} is mounted read-only; mount it with --writable "
-                         "to change it")
-    return control.call(info.control, op, **args)
 
 
 def logs_dir() -> Path:
@@ -363,30 +209,6 @@ def _last_line(path: str) -> str:
         if "error" in ln.lower():
             return ln.split("strata: error: ", 1)[-1]
     return lines[-1] if lines else "no output"
-
-
-def unmount(mountpoint: str, timeout: float = 30.0) -> str:
-    """Unmount cleanly; a stale mount is detached. Returns a message for the user."""
-    mountpoint = os.path.abspath(mountpoint)
-    stale = clean_stale(mountpoint)
-    if stale:
-        return stale
-    if not is_mounted(mountpoint):
-        _unregister(mountpoint)
-        raise MountError(f"{mountpoint} is not mounted")
-    info = registered(mountpoint)
-    result = _fusermount(mountpoint)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        raise MountError(f"cannot unmount {mountpoint}: "
-                         f"{detail[-1] if detail else 'unknown error'}"
-                         " (is a program still using it? close it and retry)")
-    if info is not None:
-        deadline = time.monotonic() + timeout
-        while _alive(info.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)  # wait for the server to finish its cleanup
-    _unregister(mountpoint)
-    return f"unmounted {mountpoint}"
 
 
 # ---- the mount server program -------------------------------------------------------
