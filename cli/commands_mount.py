@@ -42,8 +42,11 @@ def mount(state: State, dataset_id, project, name, version, mountpoint, foregrou
         mounts.serve_foreground(ds.repo.url, ds.id, mountpoint, cache_size=size,
                                 writable=writable, overlay=overlay)
         return
-    info, cleaned = mounts.start_background(ds.repo.url, ds.id, mountpoint, cache_size=size,
-                                            writable=writable, overlay=overlay)
+    # fork: this process has nothing left to do but print and exit, so the server is
+    # forked from it rather than started as a second interpreter (strata.vfs.mount)
+    info, cleaned = mounts.start_background(ds.repo, ds.id, mountpoint, cache_size=size,
+                                            writable=writable, overlay=overlay,
+                                            fork=True, version_known=True)
     if cleaned:
         output.info(state.quiet, cleaned)
     mode = f"writable, overlay {info.overlay}" if info.writable else "read-only"
