@@ -40,8 +40,8 @@ from strata.vfs.core import Filesystem
 from strata.vfs.errors import MountError
 from strata.vfs.reader import Reader
 from strata.vfs.registry import (  # noqa: F401  (re-exported: callers use strata.vfs.mount)
-    MountInfo, _registry_path, all_mounts, clean_stale, control_call, control_path,
-    is_mounted, mountinfo_line, register, registered, unmount, unregister)
+    SERVER_NAME, MountInfo, _registry_path, all_mounts, clean_stale, control_call,
+    control_path, is_mounted, mountinfo_line, register, registered, unmount, unregister)
 from strata.vfs.views import VersionView
 
 log = logging.getLogger("strata.vfs")
@@ -339,6 +339,7 @@ class _ForkedServer:
         code = 3
         try:
             os.setsid()
+            _name_process(SERVER_NAME)
             _redirect_stdio(self.log_path)
             _close_inherited_pipes(keep=ready_w)
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as the server program has it
@@ -372,6 +373,15 @@ class _ForkedServer:
             except ChildProcessError:
                 return
             time.sleep(0.01)  # the ready pipe closed at its exit: this is the last moment
+
+
+def _name_process(name: str) -> None:
+    """The name `ps` and `top` show; it also tells registry._alive this is a server."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
 
 
 def _redirect_stdio(log_path: str) -> None:

@@ -21,6 +21,10 @@ from pathlib import Path
 from strata.catalog import config
 from strata.vfs.errors import MountError
 
+# The process name (comm) of a mount server forked from its starter, whose command line
+# is the starter's (and need not name strata: any program may call start_background).
+SERVER_NAME = "strata-mount"
+
 
 @dataclass(frozen=True)
 class MountInfo:
@@ -114,15 +118,19 @@ def is_mounted(mountpoint: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    """True if `pid` is a running mount server (not a zombie, not a reused pid)."""
+    """True if `pid` is a running mount server (not a zombie, not a reused pid): a forked
+    server names itself SERVER_NAME; a server program has strata in its command line."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
+            comm, _, rest = f.read().partition("(")[2].rpartition(")")
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             cmdline = f.read()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return state not in ("Z", "X") and b"strata" in cmdline
+    state = rest.split()[:1]
+    if not state or state[0] in ("Z", "X"):
+        return False
+    return comm == SERVER_NAME or b"strata" in cmdline
 
 
 def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:

@@ -110,3 +110,28 @@ def test_a_threaded_caller_gets_a_server_program_instead_of_a_fork(build, mounts
     assert b"strata.vfs.mount" in args and b"--background" not in args
     assert (mnt / "a.txt").read_bytes() == b"alpha\n"
     mounts.unmount(mnt)
+
+
+STARTER = """
+import sys
+from strata.vfs import mount
+info, _ = mount.start_background(sys.argv[1], sys.argv[2], sys.argv[3], fork=True)
+print(info.pid)
+"""
+
+
+def test_a_forked_server_is_known_live_whatever_program_started_it(build, mounts, tmp_path):
+    """The server's command line is its starter's, which need not name strata: unmount
+    must still see a live server, not a stale mount."""
+    vid = build.version(FILES)
+    mnt = mounts.folder()
+    starter = tmp_path / "starter.py"
+    starter.write_text(STARTER)
+    run = subprocess.run([sys.executable, str(starter), build.repo_url, vid, str(mnt)],
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                         timeout=READY)
+    assert run.returncode == 0, run.stderr
+    pid = int(run.stdout.strip())
+    assert mount_mod.clean_stale(str(mnt)) is None
+    assert mount_mod.unmount(str(mnt)) == f"unmounted {mnt}"
+    wait_for(lambda: not alive(pid), EXIT, "the server to exit")
