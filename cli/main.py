@@ -20,7 +20,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
 
 import click
 from strata import __version__
@@ -95,6 +94,7 @@ class StrataGroup(click.Group):
     @staticmethod
     def _fail(ctx: click.Context, code: int, message: str, show_traceback: bool = True):
         if show_traceback and _debug(ctx):
+            import traceback
             traceback.print_exc()
         click.echo(f"strata: error: {message}", err=True)
         ctx.exit(code)

@@ -13,7 +13,6 @@ import errno
 import hashlib
 import json
 import os
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -133,7 +132,8 @@ def _alive(pid: int) -> bool:
     return comm == SERVER_NAME or b"strata" in cmdline
 
 
-def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
+def _fusermount(mountpoint: str, lazy: bool = False):
+    import subprocess   # only unmounting needs it: status and commit do not pay for it
     for tool in ("fusermount3", "fusermount"):
         try:
             args = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
