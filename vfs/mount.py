@@ -10,8 +10,8 @@ of two ways:
   forked child of a threaded process can inherit a lock some thread held); with other
   threads running, the server is started as a program instead.
 - as this module run as a program (`python -m strata.vfs.mount ...`).
-Either way the server reports readiness over a pipe, and the starter reports the
-server's last log line if it died first. Which mounts exist, stale-mount cleanup and
+Either way the server reports readiness over a socket pair, and the starter reports
+the server's last log line if it died first. Which mounts exist, stale-mount cleanup and
 unmounting are in strata.vfs.registry.
 """
 
@@ -23,6 +23,7 @@ import logging
 import os
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -48,7 +49,7 @@ log = logging.getLogger("strata.vfs")
 
 READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024
-READY = b"1"   # what the server writes to its ready pipe once the mount is live
+READY = b"1"   # what the server sends its starter once the mount is live
 
 
 # ---- building and serving -----------------------------------------------------------
@@ -161,11 +162,13 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
 
 
 def _signal_ready(fd: int) -> None:
+    # a socket rather than a pipe: with MSG_NOSIGNAL, a starter that is gone (timed out,
+    # interrupted) is an error here, not a SIGPIPE that kills the live server
     try:
-        os.write(fd, READY)
-        os.close(fd)
+        with socket.socket(fileno=fd) as s:
+            s.send(READY, socket.MSG_NOSIGNAL)
     except OSError:
-        pass   # the starter gave up waiting (timeout, interrupt): serve all the same
+        pass   # nobody is waiting any more: serve all the same
 
 
 def _serve_control(path: str, session, ops):
@@ -235,34 +238,33 @@ def start_background(repo_url, version_id: str, mountpoint: str, *,
     folder = logs_dir()
     folder.mkdir(parents=True, exist_ok=True)
     log_path = str(folder / f"mount-{version_id[:12]}-{int(time.time())}-{os.getpid()}.log")
-    ready_r, ready_w = os.pipe()
+    ours, theirs = socket.socketpair()
+    ready_fd = theirs.fileno()
     try:
         if fork and _single_threaded():
             def serve() -> None:
                 serve_foreground(repo, version_id, mountpoint, cache_size=cache_size,
                                  log_path=log_path, writable=writable, overlay=overlay,
-                                 ready_fd=ready_w, checked=True)
-            server = _ForkedServer(serve, log_path, ready_w)
+                                 ready_fd=ready_fd, checked=True)
+            server = _ForkedServer(serve, log_path, ready_fd, ours)
         else:
-            server = _ProgramServer(repo.url, version_id, mountpoint, log_path, ready_w,
+            server = _ProgramServer(repo.url, version_id, mountpoint, log_path, ready_fd,
                                     cache_size=cache_size, writable=writable,
                                     overlay=overlay)
     finally:
-        os.close(ready_w)   # the server holds the write end now: EOF means it is gone
-    try:
-        return _wait_ready(server, ready_r, mountpoint, log_path, timeout), cleaned
-    finally:
-        os.close(ready_r)
+        theirs.close()   # the server holds its end now: end-of-file means it is gone
+    with ours:
+        return _wait_ready(server, ours, mountpoint, log_path, timeout), cleaned
 
 
-def _wait_ready(server, ready_r: int, mountpoint: str, log_path: str,
+def _wait_ready(server, ready: socket.socket, mountpoint: str, log_path: str,
                 timeout: float) -> MountInfo:
-    readable, _, _ = select.select([ready_r], [], [], timeout)
+    readable, _, _ = select.select([ready], [], [], timeout)
     if not readable:
         server.stop()
         raise MountError(f"mount did not become ready within {timeout:.0f} s "
                          f"(log: {log_path})")
-    if os.read(ready_r, 1) != READY:   # EOF: the server exited before the mount was live
+    if ready.recv(1) != READY:   # end-of-file: the server exited before the mount was live
         server.reap()
         raise MountError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
     info = registered(mountpoint)
@@ -283,10 +285,10 @@ class _ProgramServer:
     """A server started as `python -m strata.vfs.mount` (a new interpreter)."""
 
     def __init__(self, repo_url: str, version_id: str, mountpoint: str, log_path: str,
-                 ready_w: int, *, cache_size: int | None, writable: bool,
+                 ready_fd: int, *, cache_size: int | None, writable: bool,
                  overlay: str | None):
         args = [sys.executable, "-m", "strata.vfs.mount", "--repo", repo_url,
-                "--id", version_id, "--log", log_path, "--ready-fd", str(ready_w)]
+                "--id", version_id, "--log", log_path, "--ready-fd", str(ready_fd)]
         if cache_size:
             args += ["--cache-size", str(cache_size)]
         if writable:
@@ -297,7 +299,7 @@ class _ProgramServer:
         with open(log_path, "ab") as logf:
             self.child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf,
                                           stderr=logf, start_new_session=True,
-                                          close_fds=True, pass_fds=(ready_w,))
+                                          close_fds=True, pass_fds=(ready_fd,))
 
     def stop(self) -> None:
         self.child.terminate()
@@ -320,11 +322,12 @@ class _ForkedServer:
     fork), the child opens its own; a storage client it made (a local folder, or an
     SDK's connection pool) passes to the child, and this process only exits after
     handing it over. Descriptors that are pipes, FIFOs or terminals came from whoever
-    started this process (strata opens none but the ready pipe); the child closes them,
+    started this process (strata opens none); the child closes them,
     as a new program's close_fds would, so that no reader of such a pipe waits for the
     end of the mount."""
 
-    def __init__(self, serve: Callable[[], None], log_path: str, ready_w: int):
+    def __init__(self, serve: Callable[[], None], log_path: str, ready_fd: int,
+                 starter_end: socket.socket):
         self.log_path = log_path
         for stream in (sys.stdout, sys.stderr):   # or the child writes their buffers too
             try:
@@ -333,15 +336,16 @@ class _ForkedServer:
                 pass
         self.pid = os.fork()
         if self.pid == 0:
-            self._child(serve, ready_w)   # never returns
+            starter_end.close()
+            self._child(serve, ready_fd)   # never returns
 
-    def _child(self, serve: Callable[[], None], ready_w: int) -> None:
+    def _child(self, serve: Callable[[], None], ready_fd: int) -> None:
         code = 3
         try:
             os.setsid()
             _name_process(SERVER_NAME)
             _redirect_stdio(self.log_path)
-            _close_inherited_pipes(keep=ready_w)
+            _close_inherited_pipes()
             signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as the server program has it
             _log_to_stderr(debug=False)
             code = _run_server(serve)
@@ -372,7 +376,7 @@ class _ForkedServer:
                     return
             except ChildProcessError:
                 return
-            time.sleep(0.01)  # the ready pipe closed at its exit: this is the last moment
+            time.sleep(0.01)  # its ready socket closed at its exit: it is exiting now
 
 
 def _name_process(name: str) -> None:
@@ -394,10 +398,10 @@ def _redirect_stdio(log_path: str) -> None:
     os.close(logf)
 
 
-def _close_inherited_pipes(keep: int) -> None:
+def _close_inherited_pipes() -> None:
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd <= 2 or fd == keep:
+        if fd <= 2:
             continue
         try:
             mode = os.fstat(fd).st_mode
@@ -430,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--writable", action="store_true")
     p.add_argument("--overlay")
     p.add_argument("--ready-fd", type=int,
-                   help="write 1 to this descriptor once the mount is live")
+                   help="a socket to send 1 to once the mount is live")
     p.add_argument("--background", action="store_true",
                    help="start a background server (forked from this process), print "
                         "its registry entry as JSON once the mount is live, and exit")

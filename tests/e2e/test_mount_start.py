@@ -135,3 +135,18 @@ def test_a_forked_server_is_known_live_whatever_program_started_it(build, mounts
     assert mount_mod.clean_stale(str(mnt)) is None
     assert mount_mod.unmount(str(mnt)) == f"unmounted {mnt}"
     wait_for(lambda: not alive(pid), EXIT, "the server to exit")
+
+
+def test_a_server_whose_starter_is_gone_keeps_serving_after_ready():
+    """The server program runs with SIGPIPE at its default (death); telling a starter
+    that was interrupted meanwhile that the mount is ready must not kill it."""
+    code = ("import signal, socket\n"
+            "signal.signal(signal.SIGPIPE, signal.SIG_DFL)\n"
+            "from strata.vfs.mount import _signal_ready\n"
+            "ours, theirs = socket.socketpair()\n"
+            "ours.close()\n"
+            "_signal_ready(theirs.detach())\n"
+            "print('still here')\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=READY)
+    assert run.returncode == 0 and run.stdout == "still here\n", (run.returncode, run.stderr)
