@@ -15,7 +15,9 @@ the machine hits both alike. Each figure is the median over --reps runs:
   ready when it returns), each run with a new, empty cache folder;
 - the same mount plus open + read of the first 4 KiB of a 64 MiB file (its first 8 MiB
   chunk is fetched and verified);
-- `strata commit MNT` of one new 4 KiB file on a writable mount, end to end.
+- `strata commit MNT` of one new 4 KiB file on a writable mount, end to end;
+- `Dataset.mount(path)` in a Python process that has already imported strata, call to
+  return (the mount is ready when it returns).
 
 Everything lives in a fresh work folder (XDG_* and STRATA_CACHE_DIR point there), removed
 at the end.
@@ -99,6 +101,17 @@ def build_version(repo: str, env: dict) -> str:
     return out.stdout.strip().splitlines()[-1]
 
 
+DATASET_MOUNT = """
+import sys, time
+from strata.catalog import Dataset
+ds = Dataset.get(sys.argv[2], repo=sys.argv[1])
+t0 = time.perf_counter()
+handle = ds.mount(sys.argv[3])
+print(time.perf_counter() - t0)
+handle.unmount()
+"""
+
+
 def one_round(v: Variant, repo: str, vid: str, figures: dict) -> None:
     fig = figures.setdefault(v.name, {})
 
@@ -124,6 +137,10 @@ def one_round(v: Variant, repo: str, vid: str, figures: dict) -> None:
     add("strata status MNT", v.run("status", str(mnt)))
     add("strata commit MNT (one 4 KiB file)", v.run("commit", str(mnt)))
     v.unmount(mnt)
+    mnt = v.fresh("dmnt")
+    out = subprocess.run([sys.executable, "-c", DATASET_MOUNT, repo, vid, str(mnt)],
+                         env=v.env, capture_output=True, text=True, check=True)
+    add("Dataset.mount (to ready)", float(out.stdout.strip().splitlines()[-1]))
 
 
 def main() -> int:
