@@ -246,7 +246,7 @@ def start_background(repo_url, version_id: str, mountpoint: str, *,
                 serve_foreground(repo, version_id, mountpoint, cache_size=cache_size,
                                  log_path=log_path, writable=writable, overlay=overlay,
                                  ready_fd=ready_fd, checked=True)
-            server = _ForkedServer(serve, log_path, ready_fd, ours)
+            server = _ForkedServer(serve, log_path, ours, theirs)
         else:
             server = _ProgramServer(repo.url, version_id, mountpoint, log_path, ready_fd,
                                     cache_size=cache_size, writable=writable,
@@ -316,18 +316,19 @@ class _ForkedServer:
     output to the log, and never returns into the caller's code: it exits when the
     mount ends.
 
-    What the child shares with this process, and why that is safe: this process runs
-    one thread (checked by the caller), so no lock is held by a thread the child lacks;
-    it has not opened the cache or any manifest (SQLite connections must not cross a
-    fork), the child opens its own; a storage client it made (a local folder, or an
-    SDK's connection pool) passes to the child, and this process only exits after
-    handing it over. Descriptors that are pipes, FIFOs or terminals came from whoever
-    started this process (strata opens none); the child closes them,
-    as a new program's close_fds would, so that no reader of such a pipe waits for the
-    end of the mount."""
+    What the child shares with this process, and why that is safe:
+    - this process runs one thread (checked by the caller), so no lock is held by a
+      thread the child lacks;
+    - it has opened neither the cache nor a manifest (SQLite connections must not cross
+      a fork): the child opens its own;
+    - the repository's storage client (a local folder, or an SDK's connection pool)
+      passes to the child; this process does not use it again, it only exits;
+    - descriptors that are pipes, FIFOs or terminals came from whoever started this
+      process (strata opens none): the child closes them, as a new program's close_fds
+      would, so that no reader of such a pipe waits for the end of the mount."""
 
-    def __init__(self, serve: Callable[[], None], log_path: str, ready_fd: int,
-                 starter_end: socket.socket):
+    def __init__(self, serve: Callable[[], None], log_path: str, ours: socket.socket,
+                 theirs: socket.socket):
         self.log_path = log_path
         for stream in (sys.stdout, sys.stderr):   # or the child writes their buffers too
             try:
@@ -336,10 +337,11 @@ class _ForkedServer:
                 pass
         self.pid = os.fork()
         if self.pid == 0:
-            starter_end.close()
-            self._child(serve, ready_fd)   # never returns
+            ours.close()
+            theirs.detach()   # its descriptor now belongs to the serving code
+            self._child(serve)   # never returns
 
-    def _child(self, serve: Callable[[], None], ready_fd: int) -> None:
+    def _child(self, serve: Callable[[], None]) -> None:
         code = 3
         try:
             os.setsid()
