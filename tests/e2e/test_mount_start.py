@@ -15,7 +15,8 @@ import pytest
 from strata.catalog.dataset import Dataset
 from strata.storage.errors import StrataError
 from strata.vfs import mount as mount_mod
-from tests.e2e.conftest import EXIT, READY, alive, in_proc_mounts, strata, wait_for
+from tests.e2e.conftest import (EXIT, READY, alive, in_proc_mounts, server_pids, strata,
+                                wait_for)
 from tests.e2e.test_lifecycle import FILES, one_error_line
 
 
@@ -33,6 +34,7 @@ def test_cli_mount_forks_the_server_into_its_own_session(build, mounts):
     assert b"strata.cli.main" in cmdline(info.pid)   # the CLI's process, not a new program
     assert os.getsid(info.pid) == info.pid           # detached from the terminal's session
     assert os.readlink(f"/proc/{info.pid}/fd/2") == info.log
+    assert server_pids(mnt) == [info.pid]            # what the teardown would end
     assert (mnt / "d/b.txt").read_bytes() == b"beta\n"
     assert strata("unmount", mnt).returncode == 0
     wait_for(lambda: not alive(info.pid), EXIT, "the server to exit")
