@@ -643,81 +643,15 @@ class Dataset:
                       repo=repo)
 
     def mount(self, path: str | os.PathLike, writable: bool = False,
-              cache_size: str | int | None = None) -> "MountHandle":
+              cache_size: str | int | None = None):
         """Mount this version at `path` (an empty folder); use as a context manager:
 
             with ds.mount("/mnt/data") as m:
                 train(m.path)
 
-        The mount is served by its own process, started through the `strata` command
-        (the catalog layer does not import the mount layer above it)."""
-        if not self.is_final():
-            raise WrongState(f"version {self.id} is a draft; finalize it before mounting")
-        args = ["mount", "--id", self.id, str(path)] + (["--writable"] if writable else [])
-        if cache_size:
-            args += ["--cache-size", str(cache_size)]
-        _run_cli(self.repo.url, args)
-        return MountHandle(self.repo.url, os.path.abspath(path), self.id, writable)
-
-
-class MountHandle:
-    """A live mount of a version (returned by `Dataset.mount`)."""
-
-    def __init__(self, repo_url: str, path: str, version_id: str, writable: bool = False):
-        self.repo_url = repo_url
-        self.path = path
-        self.version_id = version_id
-        self.writable = writable
-        self.mounted = True
-
-    def status(self) -> list[dict]:
-        """Pending changes of a writable mount: dicts with change, path (and from)."""
-        import json
-        return json.loads(_run_cli(self.repo_url, ["status", "--json", self.path]))["changes"]
-
-    def commit(self, description: str | None = None, name: str | None = None,
-               version: str | None = None, tags: Sequence[str] | None = None) -> "Dataset":
-        """Commit the pending changes as a child version; the mount then shows it."""
-        args = ["commit", self.path]
-        for flag, value in (("--name", name), ("--version", version),
-                            ("--description", description)):
-            if value:
-                args += [flag, value]
-        if tags:
-            args += ["--tags", *tags]
-        child_id = _run_cli(self.repo_url, args).strip().splitlines()[-1]
-        self.version_id = child_id
-        return Dataset.get(child_id, repo=self.repo_url)
-
-    def discard(self) -> None:
-        _run_cli(self.repo_url, ["discard", self.path])
-
-    def unmount(self) -> None:
-        if self.mounted:
-            _run_cli(self.repo_url, ["unmount", self.path])
-            self.mounted = False
-
-    def __enter__(self) -> "MountHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.unmount()
-
-    def __fspath__(self) -> str:
-        return self.path
-
-
-def _run_cli(repo_url: str, args: list[str]) -> str:
-    import subprocess
-    import sys
-    from strata.catalog.errors import CatalogError
-    proc = subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "--repo",
-                           repo_url, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        message = lines[-1] if lines else f"strata {args[0]} failed"
-        raise CatalogError(message.removeprefix("strata: error: "))
-    return proc.stdout
+        Returns a strata.catalog.mounting.MountHandle; see there how the server starts."""
+        from strata.catalog.mounting import mount
+        return mount(self, path, writable=writable, cache_size=cache_size)
 
 
 # ---- helpers ---------------------------------------------------------------------------

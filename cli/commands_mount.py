@@ -1,11 +1,12 @@
-"""Mounting versions as folders: mount, unmount, and the local cache."""
+"""Mounting versions as folders, and the local cache. The commands that act on a live
+mount (status, commit, discard, unmount) are in commands_control."""
 
 from __future__ import annotations
 
 import click
 from strata.catalog import config
 from strata.cli import output
-from strata.cli.options import command, id_option, json_option, many, name_options
+from strata.cli.options import command, id_option, json_option, name_options
 from strata.cli.state import State, describe, pass_state, select
 from strata.vfs import mount as mounts
 
@@ -41,21 +42,16 @@ def mount(state: State, dataset_id, project, name, version, mountpoint, foregrou
         mounts.serve_foreground(ds.repo.url, ds.id, mountpoint, cache_size=size,
                                 writable=writable, overlay=overlay)
         return
-    info, cleaned = mounts.start_background(ds.repo.url, ds.id, mountpoint, cache_size=size,
-                                            writable=writable, overlay=overlay)
+    # fork: this process has nothing left to do but print and exit, so the server is
+    # forked from it rather than started as a second interpreter (strata.vfs.mount)
+    info, cleaned = mounts.start_background(ds.repo, ds.id, mountpoint, cache_size=size,
+                                            writable=writable, overlay=overlay,
+                                            fork=True, version_known=True)
     if cleaned:
         output.info(state.quiet, cleaned)
     mode = f"writable, overlay {info.overlay}" if info.writable else "read-only"
     output.info(state.quiet, f"mounted {describe(ds)} at {info.mountpoint} ({mode}; "
                              f"server pid {info.pid}, log {info.log})")
-
-
-@command("unmount")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@pass_state
-def unmount(state: State, mountpoint):
-    """Unmount a strata mount (a stale one left by a killed process is cleaned)."""
-    output.info(state.quiet, mounts.unmount(mountpoint))
 
 
 @click.group("cache")
@@ -107,56 +103,4 @@ def cache_clear(state: State):
     output.info(state.quiet, f"cleared {output.format_size(freed)}")
 
 
-MARKS = {"added": "A", "modified": "M", "removed": "D", "renamed": "R"}
-
-
-@command("status")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@json_option
-@pass_state
-def status(state: State, mountpoint, as_json):
-    """Pending changes of a writable mount, like 'git status'."""
-    st = mounts.control_call(mountpoint, "status")
-    if state.want_json(as_json):
-        output.as_json(st)
-        return
-    for c in st["changes"]:
-        line = f"{MARKS[c['change']]} {c['path']}"
-        if "from" in c:
-            line += f" <- {c['from']}"
-        click.echo(line)
-    what = "nothing to commit" if not st["changes"] else f"{len(st['changes'])} changes"
-    extra = " (a commit is in progress: run 'strata commit' to finish it)" \
-        if st["committing"] else ""
-    output.info(state.quiet, f"on version {st['base']}: {what}{extra}")
-
-
-@command("commit")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@click.option("--name", help="Dataset name of the child (default: the mounted one's).")
-@click.option("--version", "version_label", metavar="LABEL",
-              help="Version label of the child (default: the next patch).")
-@click.option("-m", "--description", help="Description of the child version.")
-@many("--tags", "tags", metavar="TAG...", help="Tags of the child version.")
-@pass_state
-def commit(state: State, mountpoint, name, version_label, description, tags):
-    """Turn a writable mount's pending changes into a child version; the mount then
-    shows the child with no pending changes. Prints the new id on the last line."""
-    child = mounts.control_call(mountpoint, "commit", name=name, version=version_label,
-                                description=description, tags=list(tags) or None)
-    output.info(state.quiet, f"committed {child['project']}/{child['name']} "
-                             f"{child['version']}: {child['files']} files; "
-                             f"{mountpoint} now shows it")
-    output.result(child["id"])
-
-
-@command("discard")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
-@pass_state
-def discard(state: State, mountpoint):
-    """Drop a writable mount's pending changes."""
-    n = mounts.control_call(mountpoint, "discard")["discarded"]
-    output.info(state.quiet, f"discarded {output.plural(n, 'pending change')}")
-
-
-COMMANDS = [mount, unmount, cache, status, commit, discard]
+COMMANDS = [mount, cache]

@@ -8,8 +8,11 @@ Errors are translated here and nowhere else (STYLE.md 9):
     KeyboardInterrupt                                   -> one line, exit 130
 --debug adds the traceback before the line.
 
-Commands live in `commands_*` modules; a module joins the CLI by being listed in
-COMMAND_MODULES, each exporting COMMANDS (a list of click commands or groups).
+Commands live in `commands_*` modules, each exporting COMMANDS (a list of click commands
+or groups); a module joins the CLI by being listed in COMMAND_MODULES with the names of
+its commands. A module is imported only when one of its commands runs (`strata --help`
+imports them all to show their help): process start-up is most of the time of a short
+command such as `strata status`, and the modules import what their commands need.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-import traceback
 
 import click
 from strata import __version__
@@ -30,12 +32,15 @@ EXIT_ERROR = 1
 EXIT_BUG = 3
 EXIT_INTERRUPTED = 130
 
-COMMAND_MODULES = (
-    "strata.cli.commands_build",    # create, add, remove, upload, close, sync
-    "strata.cli.commands_read",     # list, get, verify, compare, log, search
-    "strata.cli.commands_manage",   # delete, squash, publish, tags, metadata, rename, gc, repo
-    "strata.cli.commands_mount",    # mount, unmount, cache
-)
+COMMAND_MODULES = {
+    "strata.cli.commands_build": ("create", "add", "remove", "upload", "close", "sync"),
+    "strata.cli.commands_read": ("list", "search", "compare", "log", "verify", "get"),
+    "strata.cli.commands_manage": ("delete", "squash", "publish", "set-description", "tag",
+                                   "metadata", "rename", "move", "gc", "repo"),
+    "strata.cli.commands_mount": ("mount", "cache"),
+    "strata.cli.commands_control": ("status", "commit", "discard", "unmount"),
+}
+MODULE_OF = {name: module for module, names in COMMAND_MODULES.items() for name in names}
 
 
 def one_line(text: str) -> str:
@@ -44,6 +49,17 @@ def one_line(text: str) -> str:
 
 class StrataGroup(click.Group):
     command_class = StrataCommand
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(self.commands) | set(MODULE_OF))
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in self.commands and name in MODULE_OF:
+            load_commands(self, MODULE_OF[name])
+        elif name not in MODULE_OF:   # a typo: click suggests names from self.commands
+            for module in COMMAND_MODULES:
+                load_commands(self, module)
+        return self.commands.get(name)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -78,6 +94,7 @@ class StrataGroup(click.Group):
     @staticmethod
     def _fail(ctx: click.Context, code: int, message: str, show_traceback: bool = True):
         if show_traceback and _debug(ctx):
+            import traceback
             traceback.print_exc()
         click.echo(f"strata: error: {message}", err=True)
         ctx.exit(code)
@@ -85,6 +102,11 @@ class StrataGroup(click.Group):
 
 def _debug(ctx: click.Context) -> bool:
     return bool(ctx.params.get("debug"))
+
+
+def load_commands(group: click.Group, module: str) -> None:
+    for command in importlib.import_module(module).COMMANDS:
+        group.add_command(command)
 
 
 @click.group(cls=StrataGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -104,11 +126,6 @@ def cli(ctx: click.Context, repo: str | None, as_json: bool, debug: bool, quiet:
     close; read it with list, get, verify, compare and log.
     """
     ctx.obj = State(repo=repo, json=as_json, debug=debug, quiet=quiet)
-
-
-for _name in COMMAND_MODULES:
-    for _command in importlib.import_module(_name).COMMANDS:
-        cli.add_command(_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,24 @@
 """The global options every command sees (`State`, the click context object) and the one
 rule for choosing a dataset: --project/--name when given, else --id, else the last dataset
-this user touched in the repository."""
+this user touched in the repository.
+
+The Dataset API and the progress bars are imported when a command first needs them:
+every command imports this module, and `strata status` needs neither.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import click
 from strata.catalog import config
-from strata.catalog.dataset import Dataset, open_repo
 from strata.catalog.errors import UnknownVersion
-from strata.catalog.progress import Progress
 from strata.cli.errors import CliError
-from strata.cli.progress import make_progress
+
+if TYPE_CHECKING:
+    from strata.catalog.dataset import Dataset
+    from strata.catalog.progress import Progress
 
 
 @dataclass
@@ -25,6 +31,7 @@ class State:
 
     def repo_url(self) -> str:
         """The effective repository URL (after STRATA_REPO, config file, embedded default)."""
+        from strata.catalog.dataset import open_repo
         return open_repo(self.repo).url
 
     def want_json(self, per_command: bool) -> bool:
@@ -43,6 +50,12 @@ class State:
 pass_state = click.make_pass_decorator(State, ensure=True)
 
 
+def make_progress(quiet: bool) -> Progress:
+    """A command's progress callback: tqdm bars, imported only by commands that report."""
+    from strata.cli import progress
+    return progress.make_progress(quiet)
+
+
 def remembered_id(state: State) -> str:
     url = state.repo_url()
     last = config.last_touched(url)
@@ -56,6 +69,7 @@ def select(state: State, dataset_id: str | None = None, project: str | None = No
            name: str | None = None, version: str | None = None) -> Dataset:
     """The dataset a command acts on. A name selector never falls back to the remembered
     id (clearml-data does, and then acts on the wrong dataset)."""
+    from strata.catalog.dataset import Dataset
     if project or name:
         if dataset_id:
             raise click.UsageError("give either --id or --project/--name, not both")

@@ -3,10 +3,15 @@
 Open a repository with `open_storage(url)`; it parses the URL (`parse_url`), imports the
 backend for its scheme and wraps it in `RetryingStorage`. Everything a caller catches is in
 `strata.storage.errors`, re-exported here.
+
+The errors are imported with the package; every other name on first use (PEP 562), since
+importing any module of the package (the CLI imports strata.storage.errors) runs this file.
 """
 
-from strata.storage.base import ObjectInfo, Storage
-from strata.storage.counting import CountingStorage
+from __future__ import annotations
+
+import importlib
+
 from strata.storage.errors import (
     Corrupt,
     InvalidKey,
@@ -20,9 +25,19 @@ from strata.storage.errors import (
     Transient,
     Unreachable,
 )
-from strata.storage.external import open_external
-from strata.storage.retry import RetryingStorage
-from strata.storage.url import StorageURL, check_key, check_prefix, open_storage, parse_url
+
+_LAZY = {
+    "ObjectInfo": "strata.storage.base",
+    "Storage": "strata.storage.base",
+    "CountingStorage": "strata.storage.counting",
+    "open_external": "strata.storage.external",
+    "RetryingStorage": "strata.storage.retry",
+    "StorageURL": "strata.storage.url",
+    "check_key": "strata.storage.url",
+    "check_prefix": "strata.storage.url",
+    "open_storage": "strata.storage.url",
+    "parse_url": "strata.storage.url",
+}
 
 __all__ = [
     "ObjectInfo", "Storage", "StorageURL", "open_storage", "parse_url", "open_external",
@@ -30,3 +45,12 @@ __all__ = [
     "StrataError", "StorageError", "NotFound", "PreconditionFailed", "PermissionDenied",
     "Transient", "Unreachable", "Corrupt", "InvalidURL", "InvalidKey", "MissingDependency",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 from dataclasses import replace
 
-from strata.storage import http
 from strata.storage.base import Storage
 from strata.storage.errors import InvalidURL
 from strata.storage.retry import RetryingStorage
@@ -25,6 +24,8 @@ def open_external(link: str, *, retry: bool = True) -> tuple[Storage, str]:
     """
     parsed = parse_link(link)
     if parsed.scheme in ("http", "https"):
+        # imported here: http.client, ssl and email cost ~40 ms, and only links need them
+        from strata.storage import http
         folder, _, name = parsed.prefix.rpartition("/")
         if not name:
             raise InvalidURL(f"external link names no file: {link}")

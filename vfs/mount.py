@@ -1,180 +1,55 @@
-"""Mount lifecycle: build the filesystem for a version, serve it (foreground), start it as
-a background process that logs to a file, unmount, and clean up stale mounts.
+"""Mount lifecycle: build the filesystem for a version, serve it (foreground), and start it
+in the background, returning once the mountpoint is live.
 
-A background mount is this module run as a program (`python -m strata.vfs.mount ...`)
-in its own session; the starter returns once the mountpoint is live, or reports the
-child's last log line if it died first. A registry file per mountpoint in the workspace
-(mounts/<hash>.json) records pid, version and log, so `unmount` and the next `mount` can
-tell a live mount from one left by a killed process.
+A background mount server runs in its own session, logs to a file, and is started in one
+of two ways:
+- forked from the starter (`start_background(..., fork=True)`): the strata CLI does this,
+  and so does this module's `--background` program, which `Dataset.mount` runs. The
+  server then costs no second interpreter start and no second import of strata (about
+  200 ms on a small VM). Only a short-lived, single-threaded starter may ask for it (a
+  forked child of a threaded process can inherit a lock some thread held); with other
+  threads running, the server is started as a program instead.
+- as this module run as a program (`python -m strata.vfs.mount ...`).
+Either way the server reports readiness over a socket pair, and the starter reports
+the server's last log line if it died first. Which mounts exist, stale-mount cleanup and
+unmounting are in strata.vfs.registry.
 """
 
 from __future__ import annotations
 
 import argparse
-import errno
-import hashlib
 import json
 import logging
 import os
+import select
 import signal
+import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 from strata.catalog import config
 from strata.catalog.dataset import open_repo
 from strata.storage.cache import UnitCache
+from strata.storage.errors import StrataError
 from strata.vfs.core import Filesystem
 from strata.vfs.errors import MountError
 from strata.vfs.reader import Reader
+from strata.vfs.registry import (  # noqa: F401  (re-exported: callers use strata.vfs.mount)
+    SERVER_NAME, MountInfo, _registry_path, all_mounts, clean_stale, control_call,
+    control_path, is_mounted, mountinfo_line, register, registered, unmount, unregister)
 from strata.vfs.views import VersionView
 
 log = logging.getLogger("strata.vfs")
 
 READY_TIMEOUT = 60.0
 READ_AHEAD_KB = 1024
-
-
-@dataclass(frozen=True)
-class MountInfo:
-    mountpoint: str
-    pid: int
-    version: str
-    repo: str
-    log: str
-    writable: bool = False
-    started: float = 0.0
-    overlay: str = ""
-    control: str = ""       # Unix socket of the server's control channel (writable mounts)
-
-
-# ---- registry -----------------------------------------------------------------------
-def _registry_path(mountpoint: str) -> Path:
-    key = hashlib.sha256(_real(mountpoint).encode()).hexdigest()[:16]
-    return config.workspace_dir() / "mounts" / f"{key}.json"
-
-
-def registered(mountpoint: str) -> MountInfo | None:
-    try:
-        return MountInfo(**json.loads(_registry_path(mountpoint).read_text()))
-    except (FileNotFoundError, ValueError, TypeError):
-        return None
-
-
-def _control_path(mountpoint: str) -> str:
-    """A short path for the control socket (Unix socket paths are limited to 108 bytes):
-    a private folder under the runtime dir, keyed like the registry entry."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    folder = os.path.join(base, f"strata-{os.getuid()}")
-    os.makedirs(folder, mode=0o700, exist_ok=True)
-    os.chmod(folder, 0o700)
-    key = hashlib.sha256(f"{config.workspace_dir()}|{_real(mountpoint)}".encode()).hexdigest()
-    return os.path.join(folder, key[:20] + ".sock")
-
-
-def _register(info: MountInfo) -> None:
-    path = _registry_path(info.mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(asdict(info), indent=1))
-    os.replace(tmp, path)
-
-
-def _unregister(mountpoint: str) -> None:
-    _registry_path(mountpoint).unlink(missing_ok=True)
-
-
-def all_mounts() -> list[MountInfo]:
-    folder = config.workspace_dir() / "mounts"
-    out = []
-    for p in sorted(folder.glob("*.json")) if folder.exists() else ():
-        try:
-            out.append(MountInfo(**json.loads(p.read_text())))
-        except (ValueError, TypeError):
-            continue
-    return out
-
-
-# ---- kernel mount table -----------------------------------------------------------
-def _real(mountpoint: str) -> str:
-    # realpath() of the mountpoint itself would stat it: a FUSE request that deadlocks
-    # while the server is still in its init callback. Resolve the parent only.
-    mountpoint = os.path.abspath(mountpoint)
-    return os.path.join(os.path.realpath(os.path.dirname(mountpoint)),
-                        os.path.basename(mountpoint))
-
-
-def _mountinfo_line(mountpoint: str) -> list[str] | None:
-    target = _real(mountpoint)
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return fields
-    except FileNotFoundError:
-        pass
-    return None
-
-
-def _unescape(s: str) -> str:
-    return s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n") \
-        .replace("\\134", "\\")
-
-
-def is_mounted(mountpoint: str) -> bool:
-    return _mountinfo_line(mountpoint) is not None
-
-
-def _alive(pid: int) -> bool:
-    """True if `pid` is a running mount server (not a zombie, not a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X") and b"strata" in cmdline
-
-
-def _fusermount(mountpoint: str, lazy: bool = False) -> subprocess.CompletedProcess:
-    for tool in ("fusermount3", "fusermount"):
-        try:
-            args = [tool, "-u"] + (["-z"] if lazy else []) + [mountpoint]
-            return subprocess.run(args, capture_output=True, text=True)
-        except FileNotFoundError:
-            continue
-    args = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
-    return subprocess.run(args, capture_output=True, text=True)
-
-
-def clean_stale(mountpoint: str) -> str | None:
-    """Detach a mount whose server process is gone (kill -9, crash). Returns a message
-    saying what was cleaned, or None if there was nothing stale."""
-    info = registered(mountpoint)
-    stale = False
-    try:
-        # statfs, not stat: the kernel answers stat of a dead mount's root from attributes
-        # it cached (our attr_timeout is an hour), but always asks the server for statfs
-        os.statvfs(mountpoint)
-    except OSError as e:
-        # ENOTCONN: "Transport endpoint is not connected"; ECONNABORTED when the request
-        # was queued while the dying server's threads were still closing /dev/fuse
-        if e.errno in (errno.ENOTCONN, errno.ECONNABORTED):
-            stale = True
-    if info is not None and not _alive(info.pid):
-        stale = True
-    if not stale:
-        return None
-    if is_mounted(mountpoint):
-        _fusermount(mountpoint, lazy=True)
-    _unregister(mountpoint)
-    who = f" (pid {info.pid}, version {info.version})" if info else ""
-    return f"cleaned up a stale mount at {mountpoint} left by a process that died{who}"
+READY = b"1"   # what the server sends its starter once the mount is live
 
 
 # ---- building and serving -----------------------------------------------------------
@@ -184,7 +59,8 @@ def open_cache(cache_size: int | None = None) -> UnitCache:
     return UnitCache(cfg.cache_dir, size)
 
 
-def build(repo_url: str | None, version_id: str, *, cache_size: int | None = None):
+def build(repo_url, version_id: str, *, cache_size: int | None = None):
+    """The filesystem of a version; `repo_url` may also be an open Repository."""
     repo = open_repo(repo_url)
     cache = open_cache(cache_size)
     reader = Reader(repo, cache)
@@ -194,7 +70,7 @@ def build(repo_url: str | None, version_id: str, *, cache_size: int | None = Non
 
 def _raise_read_ahead(mountpoint: str) -> None:
     """A 1 MiB kernel readahead for the mount; no mount option sets it, only sysfs."""
-    fields = _mountinfo_line(mountpoint)
+    fields = mountinfo_line(mountpoint)
     if not fields:
         return
     try:
@@ -216,16 +92,22 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(f"mountpoint {mountpoint} is not empty")
 
 
-def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
+def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
                      cache_size: int | None = None, log_path: str = "",
                      debug: bool = False, writable: bool = False,
-                     overlay: str | None = None) -> None:
+                     overlay: str | None = None, ready_fd: int | None = None,
+                     checked: bool = False) -> None:
+    """Serve the version at `mountpoint` until unmounted or signalled. `repo_url` may be
+    an open Repository. Once the mount is live, READY is written to `ready_fd` (if
+    given). `checked`: the starter has just cleaned a stale mount and checked the
+    mountpoint, so that is not done again."""
     from strata.vfs.fuse import FuseOperations, serve   # the only import of the binding
     mountpoint = os.path.abspath(mountpoint)
-    message = clean_stale(mountpoint)
-    if message:
-        log.warning("%s", message)
-    check_mountpoint(mountpoint)
+    if not checked:
+        message = clean_stale(mountpoint)
+        if message:
+            log.warning("%s", message)
+        check_mountpoint(mountpoint)
     fs, reader, cache = build(repo_url, version_id, cache_size=cache_size)
     repo = fs.view.repo
     session = server = None
@@ -236,7 +118,7 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
         session = Session(repo, overlay, version_id, reader)
         fs = Filesystem(session.build_view(), writable=True)
         session.fs = fs
-        control = _control_path(mountpoint)
+        control = control_path(mountpoint)
     info = MountInfo(mountpoint, os.getpid(), version_id, repo.url, log_path, writable,
                      time.time(), overlay or "", control)
     ops = FuseOperations(fs)
@@ -256,9 +138,11 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
                          daemon=True).start()
         if session is not None:
             server = _serve_control(control, session, ops)
-        _register(info)
+        register(info)
         log.info("mounted version %s of %s at %s%s", version_id, repo.url, mountpoint,
                  f" (writable, overlay {overlay})" if writable else "")
+        if ready_fd is not None:
+            _signal_ready(ready_fd)
 
     ops.on_ready = ready
     try:
@@ -273,8 +157,18 @@ def serve_foreground(repo_url: str | None, version_id: str, mountpoint: str, *,
                 pass
         reader.close()
         cache.close()
-        _unregister(mountpoint)
+        unregister(mountpoint)
         log.info("unmounted %s", mountpoint)
+
+
+def _signal_ready(fd: int) -> None:
+    # a socket rather than a pipe: with MSG_NOSIGNAL, a starter that is gone (timed out,
+    # interrupted) is an error here, not a SIGPIPE that kills the live server
+    try:
+        with socket.socket(fileno=fd) as s:
+            s.send(READY, socket.MSG_NOSIGNAL)
+    except OSError:
+        pass   # nobody is waiting any more: serve all the same
 
 
 def _serve_control(path: str, session, ops):
@@ -298,59 +192,225 @@ def _serve_control(path: str, session, ops):
     return control.serve(path, {"status": status, "commit": commit, "discard": discard})
 
 
-def control_call(mountpoint: str, op: str, **args) -> dict:
-    """Send a control request to the writable mount at `mountpoint`."""
-    from strata.vfs import control
-    mountpoint = os.path.abspath(mountpoint)
-    info = registered(mountpoint)
-    if info is None or not is_mounted(mountpoint):
-        raise MountError(f"{mountpoint} is not a strata mount")
-    if not info.writable or not info.control:
-        raise MountError(f"{mountpoint} is mounted read-only; mount it with --writable "
-                         "to change it")
-    return control.call(info.control, op, **args)
+def _run_server(serve: Callable[[], None]) -> int:
+    """The program boundary of a mount server: its exit status, errors on stderr (the
+    log of a background server), one line for a StrataError."""
+    try:
+        serve()
+    except StrataError as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - the program boundary
+        log.exception("mount server failed")
+        return 3
+    return 0
 
 
+def _log_to_stderr(debug: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+
+
+# ---- starting a background server -----------------------------------------------------
 def logs_dir() -> Path:
     return config.load().cache_dir / "logs"
 
 
-def start_background(repo_url: str | None, version_id: str, mountpoint: str, *,
+def start_background(repo_url, version_id: str, mountpoint: str, *,
                      cache_size: int | None = None, writable: bool = False,
-                     overlay: str | None = None,
-                     timeout: float = READY_TIMEOUT) -> tuple[MountInfo, str | None]:
-    """Start a mount server process and return once the mount is live.
-    Returns (info, message about a cleaned stale mount or None)."""
+                     overlay: str | None = None, timeout: float = READY_TIMEOUT,
+                     fork: bool = False,
+                     version_known: bool = False) -> tuple[MountInfo, str | None]:
+    """Start a mount server and return once the mount is live. `repo_url` may be an
+    open Repository. Returns (info, message about a cleaned stale mount or None).
+
+    fork: serve from a child of this process rather than a new program (see the module
+    docstring); only for a short-lived starter that has nothing left to do but exit.
+    version_known: the caller has just read the version's record, so it is not read
+    again here (it is read here to fail with a clear message on an unknown version)."""
     mountpoint = os.path.abspath(mountpoint)
     cleaned = clean_stale(mountpoint)
     check_mountpoint(mountpoint)
     repo = open_repo(repo_url)
-    repo.record(version_id)  # fail here, with a clear message, on an unknown version
+    if not version_known:
+        repo.record(version_id)
     folder = logs_dir()
     folder.mkdir(parents=True, exist_ok=True)
     log_path = str(folder / f"mount-{version_id[:12]}-{int(time.time())}-{os.getpid()}.log")
-    args = [sys.executable, "-m", "strata.vfs.mount", "--repo", repo.url, "--id", version_id,
-            "--log", log_path]
-    if cache_size:
-        args += ["--cache-size", str(cache_size)]
-    if writable:
-        args.append("--writable")
-    if overlay:
-        args += ["--overlay", overlay]
-    args.append(mountpoint)
-    with open(log_path, "ab") as logf:
-        child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                                 start_new_session=True, close_fds=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if registered(mountpoint) is not None and is_mounted(mountpoint):
-            return registered(mountpoint), cleaned
-        code = child.poll()
-        if code is not None:
-            raise MountError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
-        time.sleep(0.02)  # polling a readiness condition, bounded by the deadline
-    child.terminate()
-    raise MountError(f"mount did not become ready within {timeout:.0f} s (log: {log_path})")
+    ours, theirs = socket.socketpair()
+    ready_fd = theirs.fileno()
+    try:
+        if fork and _single_threaded():
+            def serve() -> None:
+                serve_foreground(repo, version_id, mountpoint, cache_size=cache_size,
+                                 log_path=log_path, writable=writable, overlay=overlay,
+                                 ready_fd=ready_fd, checked=True)
+            server = _ForkedServer(serve, log_path, ours, theirs)
+        else:
+            server = _ProgramServer(repo.url, version_id, mountpoint, log_path, ready_fd,
+                                    cache_size=cache_size, writable=writable,
+                                    overlay=overlay)
+    finally:
+        theirs.close()   # the server holds its end now: end-of-file means it is gone
+    with ours:
+        return _wait_ready(server, ours, mountpoint, log_path, timeout), cleaned
+
+
+def _wait_ready(server, ready: socket.socket, mountpoint: str, log_path: str,
+                timeout: float) -> MountInfo:
+    readable, _, _ = select.select([ready], [], [], timeout)
+    if not readable:
+        server.stop()
+        raise MountError(f"mount did not become ready within {timeout:.0f} s "
+                         f"(log: {log_path})")
+    if ready.recv(1) != READY:   # end-of-file: the server exited before the mount was live
+        server.reap()
+        raise MountError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
+    info = registered(mountpoint)
+    if info is None or not is_mounted(mountpoint):   # unmounted again at once
+        raise MountError(f"mount failed: {_last_line(log_path)} (log: {log_path})")
+    return info
+
+
+def _single_threaded() -> bool:
+    """True when this process runs one thread (counting threads Python did not start)."""
+    try:
+        return len(os.listdir("/proc/self/task")) == 1
+    except OSError:
+        return threading.active_count() == 1
+
+
+class _ProgramServer:
+    """A server started as `python -m strata.vfs.mount` (a new interpreter)."""
+
+    def __init__(self, repo_url: str, version_id: str, mountpoint: str, log_path: str,
+                 ready_fd: int, *, cache_size: int | None, writable: bool,
+                 overlay: str | None):
+        args = [sys.executable, "-m", "strata.vfs.mount", "--repo", repo_url,
+                "--id", version_id, "--log", log_path, "--ready-fd", str(ready_fd)]
+        if cache_size:
+            args += ["--cache-size", str(cache_size)]
+        if writable:
+            args.append("--writable")
+        if overlay:
+            args += ["--overlay", overlay]
+        args.append(mountpoint)
+        with open(log_path, "ab") as logf:
+            self.child = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=logf,
+                                          stderr=logf, start_new_session=True,
+                                          close_fds=True, pass_fds=(ready_fd,))
+
+    def stop(self) -> None:
+        self.child.terminate()
+
+    def reap(self) -> None:
+        try:
+            self.child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+class _ForkedServer:
+    """A server forked from this process. The child starts its own session, sends its
+    output to the log, and never returns into the caller's code: it exits when the
+    mount ends.
+
+    What the child shares with this process, and why that is safe:
+    - this process runs one thread (checked by the caller), so no lock is held by a
+      thread the child lacks;
+    - it has opened neither the cache nor a manifest (SQLite connections must not cross
+      a fork): the child opens its own;
+    - the repository's storage client (a local folder, or an SDK's connection pool)
+      passes to the child; this process does not use it again, it only exits;
+    - descriptors that are pipes, FIFOs or terminals came from whoever started this
+      process (strata opens none): the child closes them, as a new program's close_fds
+      would, so that no reader of such a pipe waits for the end of the mount."""
+
+    def __init__(self, serve: Callable[[], None], log_path: str, ours: socket.socket,
+                 theirs: socket.socket):
+        self.log_path = log_path
+        for stream in (sys.stdout, sys.stderr):   # or the child writes their buffers too
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        self.pid = os.fork()
+        if self.pid == 0:
+            ours.close()
+            theirs.detach()   # its descriptor now belongs to the serving code
+            self._child(serve)   # never returns
+
+    def _child(self, serve: Callable[[], None]) -> None:
+        code = 3
+        try:
+            os.setsid()
+            _name_process(SERVER_NAME)
+            _redirect_stdio(self.log_path)
+            _close_inherited_pipes()
+            signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as the server program has it
+            _log_to_stderr(debug=False)
+            code = _run_server(serve)
+        except BaseException:   # noqa: BLE001 - a forked child must never unwind into its parent's code
+            try:
+                log.exception("mount server failed")
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except BaseException:  # noqa: BLE001
+                    pass
+            os._exit(code)
+
+    def stop(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+    def reap(self) -> None:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.01)  # its ready socket closed at its exit: it is exiting now
+
+
+def _name_process(name: str) -> None:
+    """The name `ps` and `top` show; it also tells registry._alive this is a server."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name)
+    except OSError:
+        pass
+
+
+def _redirect_stdio(log_path: str) -> None:
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    logf = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(devnull, 0)
+    os.dup2(logf, 1)
+    os.dup2(logf, 2)
+    os.close(devnull)
+    os.close(logf)
+
+
+def _close_inherited_pipes() -> None:
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= 2:
+            continue
+        try:
+            mode = os.fstat(fd).st_mode
+        except OSError:
+            continue   # the descriptor listdir itself used
+        if stat.S_ISFIFO(mode) or stat.S_ISCHR(mode):
+            os.close(fd)
 
 
 def _last_line(path: str) -> str:
@@ -365,30 +425,6 @@ def _last_line(path: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def unmount(mountpoint: str, timeout: float = 30.0) -> str:
-    """Unmount cleanly; a stale mount is detached. Returns a message for the user."""
-    mountpoint = os.path.abspath(mountpoint)
-    stale = clean_stale(mountpoint)
-    if stale:
-        return stale
-    if not is_mounted(mountpoint):
-        _unregister(mountpoint)
-        raise MountError(f"{mountpoint} is not mounted")
-    info = registered(mountpoint)
-    result = _fusermount(mountpoint)
-    if result.returncode != 0:
-        detail = (result.stderr or result.stdout).strip().splitlines()
-        raise MountError(f"cannot unmount {mountpoint}: "
-                         f"{detail[-1] if detail else 'unknown error'}"
-                         " (is a program still using it? close it and retry)")
-    if info is not None:
-        deadline = time.monotonic() + timeout
-        while _alive(info.pid) and time.monotonic() < deadline:
-            time.sleep(0.02)  # wait for the server to finish its cleanup
-    _unregister(mountpoint)
-    return f"unmounted {mountpoint}"
-
-
 # ---- the mount server program -------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="strata-mount", description="strata mount server")
@@ -399,22 +435,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true")
     p.add_argument("--writable", action="store_true")
     p.add_argument("--overlay")
+    p.add_argument("--ready-fd", type=int,
+                   help="a socket to send 1 to once the mount is live")
+    p.add_argument("--background", action="store_true",
+                   help="start a background server (forked from this process), print "
+                        "its registry entry as JSON once the mount is live, and exit")
     p.add_argument("mountpoint")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
+    if a.background:
+        return _start_and_report(a)
+    _log_to_stderr(a.debug)
+    if a.ready_fd is not None:
+        os.set_inheritable(a.ready_fd, False)   # not to programs the server runs
+    return _run_server(lambda: serve_foreground(
+        a.repo, a.id, a.mountpoint, cache_size=a.cache_size, log_path=a.log,
+        debug=a.debug, writable=a.writable, overlay=a.overlay, ready_fd=a.ready_fd))
+
+
+def _start_and_report(a: argparse.Namespace) -> int:
+    """`--background`: what Dataset.mount runs (one program start instead of the CLI's
+    and then the server's)."""
     try:
-        serve_foreground(a.repo, a.id, a.mountpoint, cache_size=a.cache_size,
-                         log_path=a.log, debug=a.debug, writable=a.writable,
-                         overlay=a.overlay)
-    except Exception as e:  # noqa: BLE001 - the program boundary
-        from strata.storage.errors import StrataError
-        if isinstance(e, StrataError):
-            print(f"strata: error: {e}", file=sys.stderr)
-            return 1
-        log.exception("mount server failed")
-        return 3
+        info, cleaned = start_background(a.repo, a.id, a.mountpoint,
+                                         cache_size=a.cache_size, writable=a.writable,
+                                         overlay=a.overlay, fork=True)
+    except StrataError as e:
+        print(f"strata: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    print(json.dumps({**asdict(info), "cleaned": cleaned}))
     return 0
 
 

@@ -12,6 +12,12 @@ finalize); then the base moves to the child and the frozen generation is dropped
 crash at any step leaves a state from which the next commit (or remount) resumes, and
 the draft id recorded before finalizing makes a retried commit finish the same child.
 
+A dropped generation (the frozen one after a commit, the live one after a discard) is
+deleted on a background thread, so the reply to the commit does not wait for it. Its
+number is never used again, and a generation folder that the state names neither live
+nor frozen is garbage: one left by a crash or an unmount mid-delete is removed when the
+session next starts.
+
 Concurrency: `_lock` serialises commit, discard and view swaps; file operations keep
 running against whichever view the filesystem core holds. A swap goes through
 `Filesystem.switch_view`, which lets operations in flight finish first and, at a freeze,
@@ -83,6 +89,9 @@ class Session:
         self.state.update(repo=repo.url, base=version_id)
         self._save()
         self.fs = None   # the filesystem core whose view this session swaps
+        self._drop([p for p in self.folder.iterdir()
+                    if p.name[:1] == "g" and p.name[1:].isdigit()
+                    and p.name not in self._in_use()])
 
     # ---- state -------------------------------------------------------------------------
     def _load(self) -> dict:
@@ -132,6 +141,18 @@ class Session:
     def _generation_dir(self, n: int) -> Path:
         return self.folder / f"g{n}"
 
+    def _in_use(self) -> set[str]:
+        return {f"g{n}" for n in (self.state.get("live"), self.state.get("frozen")) if n}
+
+    @staticmethod
+    def _drop(folders: list[Path]) -> None:
+        """Delete dropped generations off the caller's path (see the module docstring)."""
+        def delete() -> None:
+            for folder in folders:
+                shutil.rmtree(folder, ignore_errors=True)
+        if folders:
+            threading.Thread(target=delete, name="strata-overlay-drop", daemon=True).start()
+
     # ---- status ------------------------------------------------------------------------
     def status(self) -> dict:
         with self._lock:
@@ -164,7 +185,7 @@ class Session:
             self.state.update(base=child.id, frozen=None, draft=None)
             self._save()
             self._swap()
-            shutil.rmtree(self.folder / f"g{old}", ignore_errors=True)
+            self._drop([self._generation_dir(old)])
             return child
 
     def discard(self) -> int:
@@ -176,7 +197,7 @@ class Session:
             self.state["live"] = old + 1
             self._save()
             self._swap()
-            shutil.rmtree(self.folder / f"g{old}", ignore_errors=True)
+            self._drop([self._generation_dir(old)])
             return dropped
 
 

@@ -79,8 +79,9 @@ def in_proc_mounts(mountpoint) -> bool:
 
 
 def server_pids(mountpoint) -> list[int]:
-    """Pids of live mount server processes (`python -m strata.vfs.mount ... MOUNTPOINT`)
-    serving `mountpoint`."""
+    """Pids of live mount server processes serving `mountpoint`: a server program
+    (`python -m strata.vfs.mount ... MOUNTPOINT`), or a server forked by `strata mount`
+    (named strata-mount, with the CLI's command line)."""
     target = os.path.abspath(mountpoint).encode()
     out = []
     for entry in os.listdir("/proc"):
@@ -89,9 +90,11 @@ def server_pids(mountpoint) -> list[int]:
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 args = f.read().split(b"\0")
+            with open(f"/proc/{entry}/comm", "rb") as f:
+                name = f.read().strip()
         except OSError:
             continue
-        if b"strata.vfs.mount" in args and target in args:
+        if (b"strata.vfs.mount" in args or name == b"strata-mount") and target in args:
             out.append(int(entry))
     return out
 
