@@ -150,17 +150,17 @@ class OverlayView:
     def lower_path(self, path: str) -> str | None:
         """The path in the lower view whose contents show at overlay `path`, or None when
         the overlay hides the lower side there."""
-        lp = ""
+        lp: str | None = ""
         op = ""
         for comp in path.split("/") if path else ():
             op = paths.join(op, comp)
             row = self.overlay.get(op)
-            if row is None:
-                lp = paths.join(lp, comp)
+            if row is None or (row.kind == DIR and row.redirect is None and not row.opaque):
+                lp = None if lp is None else paths.join(lp, comp)
             elif row.kind == DIR:
-                if row.opaque:
-                    return None
-                lp = row.redirect if row.redirect is not None else paths.join(lp, comp)
+                # a folder moved here shows its old lower folder, even inside a new
+                # (opaque) one; a new folder hides whatever the lower side has below it
+                lp = row.redirect
             else:
                 return None   # a whiteout, or a file/symlink replacing a folder
         return lp

@@ -6,7 +6,7 @@ import os
 import shutil
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from strata.catalog import Dataset
@@ -63,6 +63,8 @@ def child_tree(env, vid, name):
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=15))
+# a file replacing a parent's folder (the child must remove the folder)
+@example(ops=[("rename", "d", "b"), ("create", "d", b"")])
 def test_commit_makes_a_child_equal_to_the_model(tmp_path_factory, ops):
     env = Env(tmp_path_factory.mktemp("c"))
     try:

@@ -7,7 +7,7 @@ import os
 import shutil
 import stat
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from strata.catalog import Dataset
@@ -177,6 +177,8 @@ SAME = {errno.ENOTEMPTY: errno.EEXIST}
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ops=st.lists(op, min_size=1, max_size=25))
+# a folder moved into a new folder (n came from mkdir d/y) keeps its lower contents
+@example(ops=[("mkdir", "d/y"), ("rename", "d/y", "n"), ("rename", "d", "n/m")])
 def test_overlay_behaves_like_a_local_folder(tmp_path_factory, ops):
     base = tmp_path_factory.mktemp("ov")
     os.environ["XDG_DATA_HOME"] = str(base / "data")
