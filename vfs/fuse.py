@@ -147,7 +147,13 @@ class FuseOperations(mfusepy.Operations):
 
     @_errno_boundary
     def read(self, path, size, offset, fi):
+        # what mfusepy would call; _FUSE.read calls read_into instead (mfusepy registers
+        # libfuse's read callback only if this exists)
         return self.fs.read(fi.fh, offset, size)
+
+    @_errno_boundary
+    def read_into(self, path, buf, offset, fi):
+        return self.fs.read_into(fi.fh, offset, buf)
 
     @_errno_boundary
     def release(self, path, fi):
@@ -241,8 +247,17 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+def _view(buf, size: int) -> memoryview:
+    """A writable view of `size` bytes of a libfuse buffer (valid during the call only)."""
+    if not size:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * size).from_address(
+        ctypes.cast(buf, ctypes.c_void_p).value)).cast("B")
+
+
 class _FUSE(mfusepy.FUSE):
-    """mfusepy drops the flags of libfuse 3's rename; hand them to the operations."""
+    """mfusepy drops the flags of libfuse 3's rename and the file info of opendir, and
+    copies written bytes: these overrides hand the operations what they need."""
 
     def opendir(self, path: bytes, fip) -> int:
         # mfusepy's opendir drops the file info; set it here. A version never changes,
@@ -255,6 +270,21 @@ class _FUSE(mfusepy.FUSE):
             if hasattr(fi, "cache_readdir"):
                 fi.cache_readdir = 1
         return 0
+
+    def read(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        # mfusepy has the operation return bytes and copies them into libfuse's buffer;
+        # reading straight into that buffer saves the copy and the allocation
+        return self.operations.read_into(None if path is None else
+                                         path.decode(self.encoding, self.errors),
+                                         _view(buf, size), offset, fip.contents)
+
+    def write(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        # mfusepy copies every request's bytes into a new bytes object (ctypes.string_at,
+        # 1 MiB per write); os.pwrite needs only a view of libfuse's buffer, which stays
+        # valid until this call returns (nothing keeps the view longer)
+        return self.operations.write(None if path is None else
+                                     path.decode(self.encoding, self.errors),
+                                     _view(buf, size), offset, fip.contents)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),

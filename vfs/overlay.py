@@ -238,6 +238,12 @@ class OverlayView:
                 return os.pread(f.fileno(), size, offset)
         return self.lower.read(node, offset, size, hint)
 
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        if node.upper:
+            with open(node.upper, "rb") as f:
+                return os.preadv(f.fileno(), [buf], offset)
+        return self.lower.read_into(node, offset, buf, hint)
+
     def totals(self) -> tuple[int, int]:
         return self.lower.totals() if hasattr(self.lower, "totals") else (0, 0)
 

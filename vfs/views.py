@@ -74,6 +74,10 @@ class View(Protocol):
 
     def read(self, node: Node, offset: int, size: int, hint=None) -> bytes: ...
 
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        """`read` into the caller's buffer; returns the bytes read."""
+        ...
+
 
 class VersionView:
     """The merged, lazily resolved tree of a final version."""
@@ -206,6 +210,9 @@ class VersionView:
     # ---- read --------------------------------------------------------------------------
     def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
         return self.reader.read(node.entry, offset, size, hint)
+
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        return self.reader.read_into(node.entry, offset, buf, hint)
 
     def totals(self) -> tuple[int, int]:
         """(files, bytes) of the whole version, from its record (no manifest walk)."""

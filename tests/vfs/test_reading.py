@@ -208,3 +208,31 @@ def test_posix_errors_of_the_core(repo_url, tmp_path, mounted):
     with pytest.raises(ReadOnly):
         m.fs.open("d/x", os.O_WRONLY)
     assert m.fs.read_path("d/x", 5, 10) == b""
+
+
+def test_read_into_a_buffer_gives_the_same_bytes_as_read(repo_url, tmp_path, mounted):
+    from strata.vfs.core import Filesystem
+    from strata.vfs.overlay import Overlay, OverlayView
+    data = os.urandom(CHUNK * 4 + 99)
+    ds = make(repo_url, tmp_path, {"big": data, "small": b"tiny file"})
+    m = mounted(repo_url, ds.id)
+    rw = Filesystem(OverlayView(m.view, Overlay(tmp_path / "ov")), writable=True)
+    fh = rw.open("big", os.O_RDONLY)
+    rnd = random.Random(7)
+    for i in range(60):
+        if i == 30:                       # now from the unit files, not from memory
+            m.cache.flush()
+            m.cache._hot.clear()
+        off, size = rnd.randrange(len(data) + 10), rnd.randrange(1, CHUNK * 2)
+        buf = memoryview(bytearray(size))
+        n = rw.read_into(fh, off, buf)
+        assert bytes(buf[:n]) == data[off:off + size]
+    rw.release(fh)
+    buf = memoryview(bytearray(100))
+    fh = rw.open("small", os.O_RDONLY)
+    assert bytes(buf[:rw.read_into(fh, 2, buf)]) == b"ny file"
+    rw.release(fh)
+    fh = rw.open("big", os.O_RDWR)                      # an upper file
+    rw.write(fh, 5, b"XYZ")
+    assert bytes(buf[:rw.read_into(fh, 0, buf)]) == data[:5] + b"XYZ" + data[8:100]
+    rw.release(fh)
