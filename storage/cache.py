@@ -52,6 +52,25 @@ class CacheStats:
     evicted: int = 0
 
 
+def copy_range(src: int, dst: int, size: int, dst_offset: int) -> int:
+    """Copy the first `size` bytes of descriptor `src` into `dst` at `dst_offset`, inside
+    the kernel (copy_file_range) or through memory where it cannot (EXDEV, ENOSYS...).
+    Returns the bytes copied: fewer only if `src` is shorter."""
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, size - done, done, dst_offset + done)
+        except OSError:
+            n = 0
+        if n == 0:
+            data = os.pread(src, min(size - done, 8 << 20), done)
+            if not data:
+                break
+            n = os.pwrite(dst, data, dst_offset + done)
+        done += n
+    return done
+
+
 class _Pin:
     __slots__ = ("cache", "unit")
 
@@ -287,6 +306,38 @@ class UnitCache:
         finally:
             os.close(fd)
         return True
+
+    def copy_into(self, unit: str, size: int, dst: int, offset: int,
+                  fetch: Callable[[], bytes], what: str = "") -> None:
+        """Write the unit's `size` bytes into descriptor `dst` at `offset` (a copy-up):
+        from memory, from the unit file (copy_file_range: no bytes pass through Python),
+        or fetched and verified but not stored here: the destination is the copy, and a
+        whole file copied up would otherwise push other units out of the cache."""
+        data = self._hot_get(unit)
+        if data is None and self._copy_file(unit, size, dst, offset):
+            with self._lock:
+                self.stats.hits += 1
+            return
+        if data is None:
+            with self._lock:
+                fut = self._inflight.get(unit)
+            data = fut.result() if fut is not None else self._fetch_verified(unit, fetch, what)
+        if len(data) != size:
+            raise Corrupt(what or unit, f"unit has {len(data)} bytes, expected {size}")
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(dst, view, offset + len(data) - len(view)):]
+
+    def _copy_file(self, unit: str, size: int, dst: int, offset: int) -> bool:
+        try:
+            src = os.open(self._file(unit), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            # a short unit file is not this unit's bytes: the caller fetches them instead
+            return os.fstat(src).st_size == size and copy_range(src, dst, size, offset) == size
+        finally:
+            os.close(src)
 
     def contains(self, unit: str) -> bool:
         with self._lock:

@@ -20,6 +20,7 @@ chunk being prefetched wait for that download instead of starting another.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -44,6 +45,20 @@ class Stream:
 
     def close(self) -> None:
         self.files.close()
+
+
+COPY_BLOCK = 8 << 20
+
+
+def copy_by_reads(read, size: int, fd: int) -> None:
+    """Copy `size` bytes into descriptor `fd` through `read(offset, n)`, block by block."""
+    off = 0
+    while off < size:
+        data = read(off, min(COPY_BLOCK, size - off))
+        if not data:
+            break
+        os.pwrite(fd, data, off)
+        off += len(data)
 
 
 class Reader:
@@ -108,6 +123,32 @@ class Reader:
             if got < n:
                 break   # a short unit: as `read`, the reply ends there
         return done
+
+    def copy_to(self, entry: Entry, fd: int) -> None:
+        """Write the whole file into descriptor `fd` (a copy-up). The chunks go in parallel
+        on the readahead pool, each straight from its cached unit file, or fetched and
+        verified without being stored in the cache (`UnitCache.copy_into`). Small files
+        and external links are one read."""
+        if entry.kind == "x" or entry.pack or not entry.chunks:
+            copy_by_reads(lambda off, n: self.read(entry, off, n), entry.size, fd)
+            return
+        cs = self.chunk_size
+        jobs = []
+        for idx in range(len(entry.chunks) // 32):
+            cid = entry.chunks[idx * 32:idx * 32 + 32].hex()
+            off = idx * cs
+            jobs.append(self._pool.submit(
+                self.cache.copy_into, cid, min(cs, entry.size - off), fd, off,
+                self._fetcher(cid), f"chunk {cid} of {entry.path}"))
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:   # after a failure: do not copy the rest for nothing
+                job.cancel()
+            for job in jobs:   # and never leave a write into `fd` running after we return
+                if not job.cancelled():
+                    job.exception()
 
     def _fetcher(self, cid: str):
         return lambda: self.repo.read_blob(cid)
