@@ -12,8 +12,10 @@ Concurrency model: `read` may be called from many threads. One fetch per unit at
 (singleflight): the first caller downloads, the others wait on its future, which carries
 the verified bytes; the disk write happens afterwards on a small writer pool, and until
 it lands the unit is served from a bounded in-memory map (`_hot`). Units being
-read are pinned (a per-unit counter) and never evicted by this process; another process
-may unlink a unit we hold open, which Linux allows without disturbing our descriptor.
+fetched are pinned (a per-unit counter) and never evicted by this process. Readers read
+unit files through descriptors (kept open per stream by `UnitFiles`); an eviction, here
+or in another process, may unlink a unit someone holds open, which Linux allows without
+disturbing the descriptor or its (verified, immutable) bytes.
 Lock order: `_lock` (in-memory state) is never held while fetching, doing file I/O or
 touching SQLite; SQLite has its own connection per thread.
 """
@@ -50,10 +52,135 @@ class CacheStats:
     evicted: int = 0
 
 
+def copy_range(src: int, dst: int, size: int, dst_offset: int) -> int:
+    """Copy the first `size` bytes of descriptor `src` into `dst` at `dst_offset`, inside
+    the kernel (copy_file_range) or through memory where it cannot (EXDEV, ENOSYS...).
+    Returns the bytes copied: fewer only if `src` is shorter."""
+    done = 0
+    while done < size:
+        try:
+            n = os.copy_file_range(src, dst, size - done, done, dst_offset + done)
+        except OSError:
+            n = 0
+        if n == 0:
+            data = os.pread(src, min(size - done, 8 << 20), done)
+            if not data:
+                break
+            n = os.pwrite(dst, data, dst_offset + done)
+        done += n
+    return done
+
+
+class _Pin:
+    __slots__ = ("cache", "unit")
+
+    def __init__(self, cache: UnitCache, unit: str):
+        self.cache, self.unit = cache, unit
+
+    def __enter__(self) -> None:
+        self.cache._pin(self.unit)
+
+    def __exit__(self, *exc) -> None:
+        self.cache._unpin(self.unit)
+
+
+class _Slot:
+    __slots__ = ("fd", "users")
+
+    def __init__(self, fd: int):
+        self.fd, self.users = fd, 1
+
+
+class UnitFiles:
+    """Descriptors of cached unit files that one reader (a file handle's stream) keeps
+    open across its reads: a sequential reader opens each unit once, and the kernel's
+    readahead state on the descriptor carries over from one request to the next.
+
+    Several FUSE threads may read through one handle at once, so a descriptor is closed
+    only when no pread uses it (`users`): a number closed under a running pread could be
+    reused by another open and read another file's bytes. The `keep` most recently used
+    idle descriptors stay open. A unit evicted (unlinked) while open still reads its
+    verified bytes through the descriptor."""
+
+    def __init__(self, keep: int = 2):
+        self._lock = threading.Lock()
+        self._slots: OrderedDict[str, _Slot] = OrderedDict()
+        self._keep = keep
+        self._closed = False
+
+    def pread(self, unit: str, path: str, offset: int, size: int) -> bytes | None:
+        """`size` bytes at `offset` of the unit file, or None if it is not on disk."""
+        slot = self._acquire(unit, path)
+        if slot is None:
+            return None
+        try:
+            return os.pread(slot.fd, size, offset)
+        finally:
+            self._release(slot)
+
+    def preadv(self, unit: str, path: str, offset: int, buf: memoryview) -> int | None:
+        """Read into `buf` from `offset` of the unit file; None if it is not on disk."""
+        slot = self._acquire(unit, path)
+        if slot is None:
+            return None
+        try:
+            return os.preadv(slot.fd, [buf], offset)
+        finally:
+            self._release(slot)
+
+    def _acquire(self, unit: str, path: str) -> _Slot | None:
+        with self._lock:
+            slot = self._slots.get(unit)
+            if slot is not None:
+                slot.users += 1
+                self._slots.move_to_end(unit)
+                return slot
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            slot = self._slots.get(unit)
+            if slot is None and not self._closed:
+                slot = self._slots[unit] = _Slot(fd)
+                fd = -1
+            elif slot is not None:
+                slot.users += 1
+        if fd != -1:   # another thread opened it first, or we are closed: use ours once
+            if slot is None:
+                slot = _Slot(fd)
+                slot.users = -1   # marks a private slot, closed on release
+            else:
+                os.close(fd)
+        return slot
+
+    def _release(self, slot: _Slot) -> None:
+        if slot.users == -1:
+            os.close(slot.fd)
+            return
+        with self._lock:
+            slot.users -= 1
+            idle = [u for u, s in self._slots.items() if not s.users]
+            extra = len(self._slots) - (0 if self._closed else self._keep)
+            victims = [self._slots.pop(u).fd for u in idle[:max(0, extra)]]
+        for fd in victims:
+            os.close(fd)
+
+    def close(self) -> None:
+        """Close every descriptor no read is using; busy ones close when their read ends."""
+        with self._lock:
+            self._closed = True
+            victims = [self._slots.pop(u).fd for u, s in list(self._slots.items())
+                       if not s.users]
+        for fd in victims:
+            os.close(fd)
+
+
 class UnitCache:
     def __init__(self, root: str | os.PathLike, limit: int):
         self.root = Path(root)
         self.units = self.root / "units"
+        self._units = str(self.units)
         self.units.mkdir(parents=True, exist_ok=True)
         self.limit = int(limit)
         self.stats = CacheStats()
@@ -89,57 +216,150 @@ class UnitCache:
     def path_of(self, unit: str) -> Path:
         return self.units / unit[:2] / unit
 
+    def _file(self, unit: str) -> str:
+        # a string, not a Path: this runs on every read
+        return f"{self._units}/{unit[:2]}/{unit}"
+
     # ---- the one entry point for readers ----------------------------------------------
     def read(self, unit: str, offset: int, size: int, fetch: Callable[[], bytes],
-             what: str = "") -> bytes:
-        """`size` bytes at `offset` of the unit named `unit`, fetching it if absent."""
+             what: str = "", files: UnitFiles | None = None) -> bytes:
+        """`size` bytes at `offset` of the unit named `unit`, fetching it if absent.
+        A reader that passes its `files` keeps the unit's descriptor open for its next
+        reads instead of opening the unit file per request."""
         data = self._hot_get(unit)
-        if data is not None:
-            with self._lock:
-                self.stats.hits += 1
-            return data[offset:offset + size]
-        with self.pinned(unit):
-            try:
-                fd = os.open(self.path_of(unit), os.O_RDONLY)
-            except FileNotFoundError:
-                return self._fetch_once(unit, fetch, what)[offset:offset + size]
-            try:
+        if data is None:
+            data = (files.pread(unit, self._file(unit), offset, size) if files is not None
+                    else self._pread(unit, offset, size))
+            if data is not None:
                 with self._lock:
                     self.stats.hits += 1
                 self._touch(unit)
-                return os.pread(fd, size, offset)
-            finally:
-                os.close(fd)
+                return data
+            with self.pinned(unit):
+                data = self._fetch_once(unit, fetch, what)
+        else:
+            with self._lock:
+                self.stats.hits += 1
+        return data[offset:offset + size]
+
+    def read_into(self, unit: str, offset: int, buf: memoryview, fetch: Callable[[], bytes],
+                  what: str = "", files: UnitFiles | None = None) -> int:
+        """`read` into the caller's buffer (the FUSE reply's own memory: one copy less);
+        returns the bytes read, len(buf) unless the unit is shorter."""
+        data = self._hot_get(unit)
+        if data is None:
+            n = (files.preadv(unit, self._file(unit), offset, buf) if files is not None
+                 else self._preadv(unit, offset, buf))
+            if n is not None:
+                with self._lock:
+                    self.stats.hits += 1
+                self._touch(unit)
+                return n
+            with self.pinned(unit):
+                data = self._fetch_once(unit, fetch, what)
+        else:
+            with self._lock:
+                self.stats.hits += 1
+        part = memoryview(data)[offset:offset + len(buf)]
+        buf[:len(part)] = part
+        return len(part)
+
+    def _preadv(self, unit: str, offset: int, buf: memoryview) -> int | None:
+        try:
+            fd = os.open(self._file(unit), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.preadv(fd, [buf], offset)
+        finally:
+            os.close(fd)
+
+    def _pread(self, unit: str, offset: int, size: int) -> bytes | None:
+        try:
+            fd = os.open(self._file(unit), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
 
     def ensure(self, unit: str, fetch: Callable[[], bytes], what: str = "") -> None:
-        """Make sure the unit is cached (used by readahead)."""
-        if self.contains(unit):
+        """Make sure the unit is cached (used by readahead). A unit already on disk is
+        handed to the kernel's readahead instead (POSIX_FADV_WILLNEED), so a reader of
+        cached units finds their pages in memory when it gets there."""
+        with self._lock:
+            if unit in self._hot or unit in self._writing:
+                return
+        if self._advise(unit):
             return
         with self.pinned(unit):
             self._fetch_once(unit, fetch, what)
+
+    def _advise(self, unit: str) -> bool:
+        try:
+            fd = os.open(self._file(unit), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+        return True
+
+    def copy_into(self, unit: str, size: int, dst: int, offset: int,
+                  fetch: Callable[[], bytes], what: str = "") -> None:
+        """Write the unit's `size` bytes into descriptor `dst` at `offset` (a copy-up):
+        from memory, from the unit file (copy_file_range: no bytes pass through Python),
+        or fetched and verified but not stored here: the destination is the copy, and a
+        whole file copied up would otherwise push other units out of the cache."""
+        data = self._hot_get(unit)
+        if data is None and self._copy_file(unit, size, dst, offset):
+            with self._lock:
+                self.stats.hits += 1
+            return
+        if data is None:
+            with self._lock:
+                fut = self._inflight.get(unit)
+            data = fut.result() if fut is not None else self._fetch_verified(unit, fetch, what)
+        if len(data) != size:
+            raise Corrupt(what or unit, f"unit has {len(data)} bytes, expected {size}")
+        view = memoryview(data)
+        while view:
+            view = view[os.pwrite(dst, view, offset + len(data) - len(view)):]
+
+    def _copy_file(self, unit: str, size: int, dst: int, offset: int) -> bool:
+        try:
+            src = os.open(self._file(unit), os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            # a short unit file is not this unit's bytes: the caller fetches them instead
+            return os.fstat(src).st_size == size and copy_range(src, dst, size, offset) == size
+        finally:
+            os.close(src)
 
     def contains(self, unit: str) -> bool:
         with self._lock:
             if unit in self._hot or unit in self._writing:
                 return True
-        return self.path_of(unit).exists()
+        return os.path.exists(self._file(unit))
 
-    def pinned(self, unit: str):
-        cache = self
+    def pinned(self, unit: str) -> _Pin:
+        """A context in which this process does not evict `unit`."""
+        return _Pin(self, unit)
 
-        class _Pin:
-            def __enter__(self_inner):
-                with cache._lock:
-                    cache._pins[unit] = cache._pins.get(unit, 0) + 1
+    def _pin(self, unit: str) -> None:
+        with self._lock:
+            self._pins[unit] = self._pins.get(unit, 0) + 1
 
-            def __exit__(self_inner, *exc):
-                with cache._lock:
-                    n = cache._pins[unit] - 1
-                    if n:
-                        cache._pins[unit] = n
-                    else:
-                        del cache._pins[unit]
-        return _Pin()
+    def _unpin(self, unit: str) -> None:
+        with self._lock:
+            n = self._pins[unit] - 1
+            if n:
+                self._pins[unit] = n
+            else:
+                del self._pins[unit]
 
     # ---- fetching: one download per unit, verified, handed out from memory ------------
     def _hot_get(self, unit: str) -> bytes | None:
@@ -174,7 +394,7 @@ class UnitCache:
             data = self._hot_get(unit)
             if data is None:
                 try:   # a previous leader may have stored it between our miss and our lead
-                    with open(self.path_of(unit), "rb") as f:
+                    with open(self._file(unit), "rb") as f:
                         data = f.read()
                 except FileNotFoundError:
                     data = self._fetch_verified(unit, fetch, what)
@@ -286,7 +506,7 @@ class UnitCache:
                     if data is not None:
                         self._hot_bytes -= len(data)
                 try:
-                    os.unlink(self.path_of(unit))
+                    os.unlink(self._file(unit))
                 except FileNotFoundError:
                     pass
                 freed += size

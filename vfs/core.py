@@ -252,12 +252,24 @@ class Filesystem:
                     return os.pread(h.fd, size, offset)
         return self.view.read(h.node, offset, size, h.stream)
 
+    def read_into(self, fh: int, offset: int, buf: memoryview) -> int:
+        """`read` into the caller's buffer (the FUSE reply's memory); returns the bytes
+        read."""
+        h = self._handle(fh)
+        if self.writable:
+            with self._gate.operation():
+                if h.fd is not None:
+                    return os.preadv(h.fd, [buf], offset)
+        return self.view.read_into(h.node, offset, buf, h.stream)
+
     def release(self, fh: int) -> None:
         with self._op():
             with self._lock:
                 h = self._handles.pop(fh, None)
-            if h is not None and h.fd is not None:
-                os.close(h.fd)
+            if h is not None:
+                h.stream.close()
+                if h.fd is not None:
+                    os.close(h.fd)
 
     def read_path(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         """Convenience for tests: open, read, release."""

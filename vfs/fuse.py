@@ -100,6 +100,18 @@ def _stat(a: Attr) -> dict:
             "st_blocks": a.blocks, "st_blksize": 1 << 20}
 
 
+def _direct_if_write_only(fi) -> None:
+    """Write-only handles bypass the kernel's page cache (direct_io): each write(2) goes
+    to the server as it is, without first filling page-cache pages of the FUSE file
+    that the upper file's own pages duplicate (measured: sequential writes about 1.3x
+    faster). Still write-through: a write that returned is in the upper file. Such a
+    handle cannot be mmapped (a shared mapping needs read access), and the kernel
+    drops cached pages of the range a direct write covers, so other handles keep
+    reading what was written."""
+    if fi.flags & os.O_ACCMODE == os.O_WRONLY:
+        fi.direct_io = 1
+
+
 class FuseOperations(mfusepy.Operations):
     use_ns = True
 
@@ -143,11 +155,18 @@ class FuseOperations(mfusepy.Operations):
         # the kernel (discard invalidates what it drops; a commit changes no bytes): the
         # page cache stays valid across opens
         fi.keep_cache = 1
+        _direct_if_write_only(fi)
         return 0
 
     @_errno_boundary
     def read(self, path, size, offset, fi):
+        # what mfusepy would call; _FUSE.read calls read_into instead (mfusepy registers
+        # libfuse's read callback only if this exists)
         return self.fs.read(fi.fh, offset, size)
+
+    @_errno_boundary
+    def read_into(self, path, buf, offset, fi):
+        return self.fs.read_into(fi.fh, offset, buf)
 
     @_errno_boundary
     def release(self, path, fi):
@@ -170,6 +189,7 @@ class FuseOperations(mfusepy.Operations):
     @_errno_boundary
     def create(self, path, mode, fi):
         fi.fh = self.fs.create(_rel(path), mode, fi.flags)
+        _direct_if_write_only(fi)
         return 0
 
     @_errno_boundary
@@ -241,8 +261,17 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+def _view(buf, size: int) -> memoryview:
+    """A writable view of `size` bytes of a libfuse buffer (valid during the call only)."""
+    if not size:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_char * size).from_address(
+        ctypes.cast(buf, ctypes.c_void_p).value)).cast("B")
+
+
 class _FUSE(mfusepy.FUSE):
-    """mfusepy drops the flags of libfuse 3's rename; hand them to the operations."""
+    """mfusepy drops the flags of libfuse 3's rename and the file info of opendir, and
+    copies written bytes: these overrides hand the operations what they need."""
 
     def opendir(self, path: bytes, fip) -> int:
         # mfusepy's opendir drops the file info; set it here. A version never changes,
@@ -255,6 +284,21 @@ class _FUSE(mfusepy.FUSE):
             if hasattr(fi, "cache_readdir"):
                 fi.cache_readdir = 1
         return 0
+
+    def read(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        # mfusepy has the operation return bytes and copies them into libfuse's buffer;
+        # reading straight into that buffer saves the copy and the allocation
+        return self.operations.read_into(None if path is None else
+                                         path.decode(self.encoding, self.errors),
+                                         _view(buf, size), offset, fip.contents)
+
+    def write(self, path: bytes | None, buf, size: int, offset: int, fip) -> int:
+        # mfusepy copies every request's bytes into a new bytes object (ctypes.string_at,
+        # 1 MiB per write); os.pwrite needs only a view of libfuse's buffer, which stays
+        # valid until this call returns (nothing keeps the view longer)
+        return self.operations.write(None if path is None else
+                                     path.decode(self.encoding, self.errors),
+                                     _view(buf, size), offset, fip.contents)
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(old.decode(self.encoding, self.errors),

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from strata.catalog import paths
 from strata.catalog.manifest import Entry
+from strata.storage.cache import copy_range
 from strata.vfs.errors import (Exists, InvalidArgument, IsADirectory, NoEntry, NotADirectory,
                                NotEmpty, NotPermitted)
 from strata.vfs.views import DIR, FILE, LINK, Node, View, missing
@@ -48,7 +49,6 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHO
 """
 COLUMNS = "path, kind, upper, lower, redirect, opaque, mode, mtime_ns, target, origin"
 OVERLAY_VERSION = "overlay"   # what user.strata.version says of a pending change
-COPY_BLOCK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -238,6 +238,18 @@ class OverlayView:
                 return os.pread(f.fileno(), size, offset)
         return self.lower.read(node, offset, size, hint)
 
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        if node.upper:
+            with open(node.upper, "rb") as f:
+                return os.preadv(f.fileno(), [buf], offset)
+        return self.lower.read_into(node, offset, buf, hint)
+
+    def copy_to(self, node: Node, fd: int) -> None:
+        if not node.upper:
+            return self.lower.copy_to(node, fd)
+        with open(node.upper, "rb") as f:
+            copy_range(f.fileno(), fd, os.fstat(f.fileno()).st_size, 0)
+
     def totals(self) -> tuple[int, int]:
         return self.lower.totals() if hasattr(self.lower, "totals") else (0, 0)
 
@@ -315,14 +327,15 @@ class OverlayView:
             name = self.overlay.new_upper()
             up = self.overlay.upper_path(name)
             tmp = up + ".copying"
-            with open(tmp, "wb") as f:
-                off = 0
-                while keep_data and off < n.size:
-                    data = self.lower.read(n, off, min(COPY_BLOCK, n.size - off))
-                    if not data:
-                        break
-                    f.write(data)
-                    off += len(data)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                if keep_data and n.size:
+                    self.lower.copy_to(n, fd)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+            finally:
+                os.close(fd)
             os.chmod(tmp, (n.mode & 0o7777) or 0o644)
             os.utime(tmp, ns=(n.mtime_ns, n.mtime_ns))
             os.replace(tmp, up)

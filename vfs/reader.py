@@ -5,9 +5,13 @@ A small file is one unit: its own bytes, fetched with one ranged read of exactly
 each a whole blob verified by its id. External links are read by range from their URL.
 
 Readahead: each open file handle keeps a `Stream` (where the last read ended and a
-window). A read that starts where the previous one ended grows the window (1, 2, 4, ...
-up to `max_window` chunks) and schedules the chunks ahead on a bounded thread pool; a
-random read resets it, so random readers fetch only what they touch.
+window). A read that starts near where the previous one ended grows the window (1, 2,
+4, ... up to `max_window` chunks) and schedules the chunks ahead on a bounded thread
+pool: chunks not cached are fetched, chunks already cached are handed to the kernel's
+readahead (`UnitCache.ensure`), so a warm sequential reader finds them in memory. A
+random read resets it, so random readers fetch only what they touch. The stream also
+keeps the descriptors of the units it is reading open (`UnitFiles`), closed by `close`
+when the handle is released.
 
 Concurrency: the pool has `workers` threads; `_scheduled` (guarded by `_lock`) keeps one
 pending prefetch per chunk, and the cache's singleflight makes a reader that needs a
@@ -16,13 +20,14 @@ chunk being prefetched wait for that download instead of starting another.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from strata.catalog.external import read_external_range
 from strata.catalog.manifest import Entry
-from strata.storage.cache import UnitCache
+from strata.storage.cache import UnitCache, UnitFiles
 
 import logging
 
@@ -36,6 +41,24 @@ class Stream:
     window: int = 0
     ahead_until: int = 0     # chunk index up to which prefetches were scheduled
     lock: threading.Lock = field(default_factory=threading.Lock)
+    files: UnitFiles = field(default_factory=UnitFiles)
+
+    def close(self) -> None:
+        self.files.close()
+
+
+COPY_BLOCK = 8 << 20
+
+
+def copy_by_reads(read, size: int, fd: int) -> None:
+    """Copy `size` bytes into descriptor `fd` through `read(offset, n)`, block by block."""
+    off = 0
+    while off < size:
+        data = read(off, min(COPY_BLOCK, size - off))
+        if not data:
+            break
+        os.pwrite(fd, data, off)
+        off += len(data)
 
 
 class Reader:
@@ -70,9 +93,62 @@ class Reader:
             n = min(end - offset, self.chunk_size - within)
             cid = chunks[idx * 32:idx * 32 + 32].hex()
             parts.append(self.cache.read(cid, within, n, self._fetcher(cid),
-                                         f"chunk {cid} of {entry.path}"))
+                                         f"chunk {cid} of {entry.path}",
+                                         None if stream is None else stream.files))
             offset += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def read_into(self, entry: Entry, offset: int, buf: memoryview,
+                  stream: Stream | None = None) -> int:
+        """`read` into the caller's buffer; returns the bytes read."""
+        size = min(len(buf), entry.size - offset)
+        if size <= 0:
+            return 0
+        if entry.kind == "x" or entry.pack:
+            data = self.read(entry, offset, size, stream)
+            buf[:len(data)] = data
+            return len(data)
+        if stream is not None:
+            self._readahead(entry, offset, size, stream)
+        files = None if stream is None else stream.files
+        done = 0
+        chunks = entry.chunks
+        while done < size:
+            idx, within = divmod(offset + done, self.chunk_size)
+            n = min(size - done, self.chunk_size - within)
+            cid = chunks[idx * 32:idx * 32 + 32].hex()
+            got = self.cache.read_into(cid, within, buf[done:done + n], self._fetcher(cid),
+                                       f"chunk {cid} of {entry.path}", files)
+            done += got
+            if got < n:
+                break   # a short unit: as `read`, the reply ends there
+        return done
+
+    def copy_to(self, entry: Entry, fd: int) -> None:
+        """Write the whole file into descriptor `fd` (a copy-up). The chunks go in parallel
+        on the readahead pool, each straight from its cached unit file, or fetched and
+        verified without being stored in the cache (`UnitCache.copy_into`). Small files
+        and external links are one read."""
+        if entry.kind == "x" or entry.pack or not entry.chunks:
+            copy_by_reads(lambda off, n: self.read(entry, off, n), entry.size, fd)
+            return
+        cs = self.chunk_size
+        jobs = []
+        for idx in range(len(entry.chunks) // 32):
+            cid = entry.chunks[idx * 32:idx * 32 + 32].hex()
+            off = idx * cs
+            jobs.append(self._pool.submit(
+                self.cache.copy_into, cid, min(cs, entry.size - off), fd, off,
+                self._fetcher(cid), f"chunk {cid} of {entry.path}"))
+        try:
+            for job in jobs:
+                job.result()
+        finally:
+            for job in jobs:   # after a failure: do not copy the rest for nothing
+                job.cancel()
+            for job in jobs:   # and never leave a write into `fd` running after we return
+                if not job.cancelled():
+                    job.exception()
 
     def _fetcher(self, cid: str):
         return lambda: self.repo.read_blob(cid)
@@ -103,10 +179,6 @@ class Reader:
                 if cid in self._scheduled or len(self._scheduled) >= self._max_pending:
                     continue
                 self._scheduled.add(cid)
-            if self.cache.contains(cid):
-                with self._lock:
-                    self._scheduled.discard(cid)
-                continue
             self._pool.submit(self._prefetch, cid, entry.path)
 
     def _prefetch(self, cid: str, path: str) -> None:

@@ -74,6 +74,14 @@ class View(Protocol):
 
     def read(self, node: Node, offset: int, size: int, hint=None) -> bytes: ...
 
+    def copy_to(self, node: Node, fd: int) -> None:
+        """Write the file's whole bytes into descriptor `fd` (an overlay's copy-up)."""
+        ...
+
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        """`read` into the caller's buffer; returns the bytes read."""
+        ...
+
 
 class VersionView:
     """The merged, lazily resolved tree of a final version."""
@@ -206,6 +214,12 @@ class VersionView:
     # ---- read --------------------------------------------------------------------------
     def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
         return self.reader.read(node.entry, offset, size, hint)
+
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        return self.reader.read_into(node.entry, offset, buf, hint)
+
+    def copy_to(self, node: Node, fd: int) -> None:
+        self.reader.copy_to(node.entry, fd)
 
     def totals(self) -> tuple[int, int]:
         """(files, bytes) of the whole version, from its record (no manifest walk)."""

@@ -341,3 +341,36 @@ def test_strata_status_json_lists_every_kind_of_change(env):
         "A added-dir/", "A added-link", "A added.txt", "D exec.sh", "M folder/a.txt",
         "R moved-sub <- folder/sub", "R moved.txt <- lower.txt"]
     assert f"on version {env.vid}: 7 changes" in text.stderr
+
+
+def test_write_only_handles_stay_coherent_with_cached_readers_and_mappings(env):
+    # write-only handles bypass the page cache (direct_io): handles that cached the
+    # file's pages, and shared mappings, still see every write
+    import mmap
+    m = env.mnt
+    path = str(m / "coherent.bin")
+    w = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    r = rw = -1
+    try:
+        os.write(w, b"A" * 8192)
+        r = os.open(path, os.O_RDONLY)
+        assert os.pread(r, 8192, 0) == b"A" * 8192                # now in the page cache
+        rw = os.open(path, os.O_RDWR)
+        with mmap.mmap(rw, 8192) as mapped:
+            assert mapped[:4] == b"AAAA"
+            os.pwrite(w, b"BBBB", 0)
+            os.pwrite(w, b"CC", 4096)
+            assert os.pread(r, 4, 0) == b"BBBB" and os.pread(r, 4, 4096) == b"CCAA"
+            assert mapped[:4] == b"BBBB" and mapped[4096:4100] == b"CCAA"
+        os.write(w, b"D" * 100)                                   # extends the file
+        assert os.fstat(r).st_size == 8292
+        w2 = os.open(path, os.O_WRONLY | os.O_APPEND)
+        os.write(w2, b"tail")
+        os.close(w2)
+        assert os.pread(r, 10, 8288) == b"DDDDtail"
+    finally:
+        for fd in (w, r, rw):
+            if fd >= 0:
+                os.close(fd)
+    with open(path, "rb") as f:
+        assert f.read() == b"BBBB" + b"A" * 4092 + b"CC" + b"A" * 4094 + b"D" * 100 + b"tail"

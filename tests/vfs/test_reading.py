@@ -208,3 +208,74 @@ def test_posix_errors_of_the_core(repo_url, tmp_path, mounted):
     with pytest.raises(ReadOnly):
         m.fs.open("d/x", os.O_WRONLY)
     assert m.fs.read_path("d/x", 5, 10) == b""
+
+
+def test_copy_up_copies_exact_bytes_without_filling_the_cache(repo_url, tmp_path, mounted):
+    from strata.vfs.core import Filesystem
+    from strata.vfs.overlay import Overlay, OverlayView
+    data = os.urandom(CHUNK * 5 + 777)
+    ds = make(repo_url, tmp_path, {"big": data, "again": data[::-1]})
+    m = mounted(repo_url, ds.id)
+    cached = m.view.lookup("again").entry.chunk_ids[:2]
+    for c in cached:                                    # two units of "again" in the cache
+        m.cache.ensure(c, lambda c=c: m.repo.read_blob(c))
+    m.cache.flush()
+    rw = Filesystem(OverlayView(m.view, Overlay(tmp_path / "ov")), writable=True)
+    for name, want in (("big", data), ("again", data[::-1])):
+        m.counting.reset()
+        fh = rw.open(name, os.O_RDWR)
+        assert rw.read(fh, 0, len(want) + 1) == want
+        rw.release(fh)
+        ids = m.view.lookup(name).entry.chunk_ids
+        fetched = [k for k in m.counting.keys_read if k.startswith("blobs/")]
+        # every chunk fetched once, except those copied from the cache's unit files
+        assert sorted(fetched) == sorted(layout.blob_key(c) for c in ids if c not in cached)
+    m.cache.flush()
+    assert not any(m.cache.contains(c) for c in m.view.lookup("big").entry.chunk_ids)
+
+
+def test_copy_up_refuses_a_corrupt_chunk(repo_url, tmp_path, mounted):
+    from strata.vfs.core import Filesystem
+    from strata.vfs.overlay import Overlay, OverlayView
+    data = os.urandom(CHUNK * 3)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    victim = m.view.lookup("big").entry.chunk_ids[2]
+    path = os.path.join(repo_url, layout.blob_key(victim))
+    raw = bytearray(open(path, "rb").read())
+    raw[5] ^= 1
+    open(path, "wb").write(bytes(raw))
+    rw = Filesystem(OverlayView(m.view, Overlay(tmp_path / "ov")), writable=True)
+    with pytest.raises(Corrupt, match=victim):
+        rw.open("big", os.O_RDWR)
+    assert rw.view.overlay.get("big") is None            # nothing half-copied is kept
+    assert os.listdir(rw.view.overlay.upper_dir) == []
+    assert rw.read_path("big", 0, CHUNK) == data[:CHUNK]
+
+
+def test_read_into_a_buffer_gives_the_same_bytes_as_read(repo_url, tmp_path, mounted):
+    from strata.vfs.core import Filesystem
+    from strata.vfs.overlay import Overlay, OverlayView
+    data = os.urandom(CHUNK * 4 + 99)
+    ds = make(repo_url, tmp_path, {"big": data, "small": b"tiny file"})
+    m = mounted(repo_url, ds.id)
+    rw = Filesystem(OverlayView(m.view, Overlay(tmp_path / "ov")), writable=True)
+    fh = rw.open("big", os.O_RDONLY)
+    rnd = random.Random(7)
+    for i in range(60):
+        if i == 30:                       # now from the unit files, not from memory
+            m.cache.flush()
+            m.cache._hot.clear()
+        off, size = rnd.randrange(len(data) + 10), rnd.randrange(1, CHUNK * 2)
+        buf = memoryview(bytearray(size))
+        n = rw.read_into(fh, off, buf)
+        assert bytes(buf[:n]) == data[off:off + size]
+    rw.release(fh)
+    buf = memoryview(bytearray(100))
+    fh = rw.open("small", os.O_RDONLY)
+    assert bytes(buf[:rw.read_into(fh, 2, buf)]) == b"ny file"
+    rw.release(fh)
+    fh = rw.open("big", os.O_RDWR)                      # an upper file
+    rw.write(fh, 5, b"XYZ")
+    assert bytes(buf[:rw.read_into(fh, 0, buf)]) == data[:5] + b"XYZ" + data[8:100]
+    rw.release(fh)
