@@ -145,6 +145,16 @@ class FuseOperations(mfusepy.Operations):
         return out
 
     @_errno_boundary
+    def readdir_plus(self, path):
+        """(name, attributes) of every entry, for READDIRPLUS replies."""
+        return [(name, _stat(a)) for name, a in self.fs.readdir(_rel(path))]
+
+    @_errno_boundary
+    def readdir_types(self, path):
+        """(name, file type bits) of every entry, for plain READDIR replies."""
+        return self.fs.readdir_types(_rel(path))
+
+    @_errno_boundary
     def readlink(self, path):
         return self.fs.readlink(_rel(path))
 
@@ -269,9 +279,51 @@ def _view(buf, size: int) -> memoryview:
         ctypes.cast(buf, ctypes.c_void_p).value)).cast("B")
 
 
+READDIR_PLUS = 1        # libfuse 3: enum fuse_readdir_flags
+FILL_DIR_PLUS = 2       # libfuse 3: enum fuse_fill_dir_flags
+
+
 class _FUSE(mfusepy.FUSE):
-    """mfusepy drops the flags of libfuse 3's rename and the file info of opendir, and
-    copies written bytes: these overrides hand the operations what they need."""
+    """mfusepy drops the flags of libfuse 3's rename and the file info of opendir, copies
+    written bytes, and never fills READDIRPLUS replies: these overrides hand the
+    operations what they need and the kernel what it can use."""
+
+    def readdir_fuse_3(self, path: bytes | None, buf, filler, offset: int, fip,
+                       flags: int) -> int:
+        # The first listing of a folder carries every entry's attributes (READDIRPLUS),
+        # so the kernel creates the entries' inodes from it instead of sending a LOOKUP
+        # per name: a cold `find`, `ls -l` or os.walk + stat makes one round trip per
+        # folder, not one per file (measured: 50k files, cold find 5.4-7.3 s -> 1.1-2.0
+        # s). Later listings of the same folder (the kernel asks again at offset 0) send
+        # names and types only: the entries are known by then, and filling attributes
+        # again made warm passes slower.
+        if path is None:
+            return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
+        decoded = path.decode(self.encoding, self.errors)
+        listed = self.__dict__.setdefault("_listed", set())
+        plus = bool(flags & READDIR_PLUS) and decoded not in listed
+        listed.add(decoded)
+        if plus:
+            entries = self.operations.readdir_plus(decoded)
+        else:
+            entries = [(name, {"st_mode": mode})
+                       for name, mode in self.operations.readdir_types(decoded)]
+        # Offsets are never 0 (with offset 0, libfuse keeps the names but drops the
+        # attributes): '.' is 1, '..' 2, entry i is i + 3, and a call resumes after
+        # `offset` when the kernel's buffer filled up.
+        dot = mfusepy.c_stat()
+        dot.st_mode = stat_mod.S_IFDIR
+        for i, name in enumerate((b".", b"..")[offset:], start=offset + 1):
+            if filler(buf, name, dot, i, 0):
+                return 0
+        start = max(offset - 2, 0)
+        fill = FILL_DIR_PLUS if plus else 0
+        for i, (name, attrs) in enumerate(entries[start:], start=start + 3):
+            st = mfusepy.c_stat()
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            if filler(buf, name.encode(self.encoding, self.errors), st, i, fill):
+                break
+        return 0
 
     def opendir(self, path: bytes, fip) -> int:
         # mfusepy's opendir drops the file info; set it here. A version never changes,
