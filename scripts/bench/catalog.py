@@ -394,7 +394,7 @@ def run(args, work: Path, res: Results) -> None:
                 f"{secs(t_add)} ({rate(tree_bytes, t_add)}) / "
                 f"{secs(t_fin)} ({rate(tree_bytes, t_fin)})"))
     ratio_sync = (t_cp_a + t_cp_sync) / (t_strata + t_strata_sync)
-    res.add(Row("   same, each followed by `sync` (strata fsyncs each blob, cp does not)",
+    res.add(Row("   same, each followed by `sync` (strata has flushed its blobs already, cp has not)",
                 f"{secs(t_strata + t_strata_sync)}", f"{secs(t_cp_a + t_cp_sync)} (first run)",
                 f"{ratio_sync:.2f}x", values={"strata_sync_s": t_strata_sync,
                                              "cp_sync_s": t_cp_sync, "ratio": ratio_sync}))
