@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import itertools
 import logging
 import os
 import stat as stat_mod
@@ -137,6 +138,9 @@ class FuseOperations(mfusepy.Operations):
 
     def opendir(self, path):
         return 0   # defined (not mfusepy's ignored stub) so _FUSE.opendir is registered
+
+    def releasedir(self, path, fh):
+        return 0   # likewise for _FUSE.releasedir, which drops the handle's listing
 
     @_errno_boundary
     def readdir(self, path, fh):
@@ -299,15 +303,15 @@ class _FUSE(mfusepy.FUSE):
         # again made warm passes slower.
         if path is None:
             return super().readdir_fuse_3(path, buf, filler, offset, fip, flags)
-        decoded = path.decode(self.encoding, self.errors)
-        listed = self.__dict__.setdefault("_listed", set())
-        plus = bool(flags & READDIR_PLUS) and decoded not in listed
-        listed.add(decoded)
-        if plus:
-            entries = self.operations.readdir_plus(decoded)
-        else:
-            entries = [(name, {"st_mode": mode})
-                       for name, mode in self.operations.readdir_types(decoded)]
+        # One listing per open folder handle: the kernel asks several times (offsets),
+        # and building the listing again for each request cost more than sending it.
+        listings = self.__dict__.setdefault("_listings", {})
+        fh = fip.contents.fh
+        listing = listings.get(fh) if offset else None
+        if listing is None:
+            listing = listings[fh] = self._listing(path.decode(self.encoding, self.errors),
+                                                   bool(flags & READDIR_PLUS))
+        plus, entries = listing
         # Offsets are never 0 (with offset 0, libfuse keeps the names but drops the
         # attributes): '.' is 1, '..' 2, entry i is i + 3, and a call resumes after
         # `offset` when the kernel's buffer filled up.
@@ -318,19 +322,38 @@ class _FUSE(mfusepy.FUSE):
                 return 0
         start = max(offset - 2, 0)
         fill = FILL_DIR_PLUS if plus else 0
-        for i, (name, attrs) in enumerate(entries[start:], start=start + 3):
-            st = mfusepy.c_stat()
-            mfusepy.set_st_attrs(st, attrs, use_ns=True)
-            if filler(buf, name.encode(self.encoding, self.errors), st, i, fill):
+        for i, (name, st) in enumerate(entries[start:], start=start + 3):
+            if filler(buf, name, st, i, fill):
                 break
         return 0
+
+    def _listing(self, path: str, plus: bool) -> tuple[bool, list]:
+        listed = self.__dict__.setdefault("_listed", set())
+        plus = plus and path not in listed
+        listed.add(path)
+        if plus:
+            entries = self.operations.readdir_plus(path)
+        else:
+            entries = [(name, {"st_mode": mode})
+                       for name, mode in self.operations.readdir_types(path)]
+        out = []
+        for name, attrs in entries:
+            st = mfusepy.c_stat()
+            mfusepy.set_st_attrs(st, attrs, use_ns=True)
+            out.append((name.encode(self.encoding, self.errors), st))
+        return plus, out
+
+    def releasedir(self, path: bytes | None, fip) -> int:
+        self.__dict__.get("_listings", {}).pop(fip.contents.fh, None)
+        return super().releasedir(path, fip)
 
     def opendir(self, path: bytes, fip) -> int:
         # mfusepy's opendir drops the file info; set it here. A version never changes,
         # so on read-only mounts the kernel may keep directory listings (cache_readdir)
         # across opens (keep_cache): a second `find` costs no round trips.
         fi = fip.contents
-        fi.fh = self.operations.opendir(path.decode(self.encoding, self.errors)) or 0
+        self.operations.opendir(path.decode(self.encoding, self.errors))
+        fi.fh = next(self.__dict__.setdefault("_dir_handles", itertools.count(1)))
         if not self.operations.fs.writable:
             fi.keep_cache = 1
             if hasattr(fi, "cache_readdir"):
