@@ -9,14 +9,14 @@ gc, listing) live in strata.catalog.ops and are re-exported here as class method
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import getpass
 import json
 import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from strata.catalog import blobs, config, layout, paths
@@ -24,7 +24,6 @@ from strata.catalog.sources import Candidate, collect, patterns_of
 from strata.catalog import draft as drafts
 from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, SourceMissing,
                                    UnknownVersion, WrongState)
-from strata.catalog.manifest import DirEntry, Entry
 from strata.catalog.merge import MergedView, merge_parents, merged
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, bump_patch, check_label, highest
@@ -397,9 +396,15 @@ class Dataset:
         parent = self.parent_view()
         if not parent.files or not (files or folders):
             return
-        parent_folders = parent.all_dirs() if files else set()
-        gone = {p for p in files if p in parent_folders}
-        gone.update(p for p in folders if p in parent.files)
+        gone = {p for p in folders if p in parent.files}
+        if files:
+            # a path is a parent's folder when some parent path lies below it: bisect the
+            # sorted paths instead of listing every folder of the parent
+            below = sorted(itertools.chain(parent.files, parent.dirs))
+            for p in files:
+                i = bisect.bisect_left(below, p + "/")
+                if p in parent.dirs or (i < len(below) and below[i].startswith(p + "/")):
+                    gone.add(p)
         for path in (*files, *folders):
             gone.update(a for a in paths.ancestors(path) if a in parent.files)
         if gone:
