@@ -8,7 +8,7 @@ package, such as strata.catalog.config, must not pull in the whole Dataset API.
 
 from __future__ import annotations
 
-import importlib
+from strata import lazy_exports
 
 _LAZY = {
     "Dataset": "strata.catalog.dataset",
@@ -19,10 +19,4 @@ _LAZY = {
 __all__ = list(_LAZY)
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -10,8 +10,7 @@ importing any module of the package (the CLI imports strata.storage.errors) runs
 
 from __future__ import annotations
 
-import importlib
-
+from strata import lazy_exports
 from strata.storage.errors import (
     Corrupt,
     InvalidKey,
@@ -47,10 +46,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _LAZY)
