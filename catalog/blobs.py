@@ -239,16 +239,17 @@ def _upload_chunked(repo, s: Staged, progress: Progress) -> list[Placed]:
             offset = i * repo.chunk_size
             length = min(repo.chunk_size, s.size - offset)
             digest = s.chunks[i * 32:(i + 1) * 32]
-            if repo.has_blob(digest.hex(), length):
-                progress.advance(length)   # stored already: these are the staged bytes
-                continue
-            chunk = _pread_exact(fd, offset, length)
-            if len(chunk) != length or (not trusted
-                                        and hashlib.sha256(chunk).digest() != digest):
-                raise _changed(s, "changed")
-            if repo.put_blob(digest.hex(), chunk, durable=False):
-                new += len(chunk)
-            progress.advance(len(chunk))
+
+            def chunk(offset=offset, length=length, digest=digest) -> bytes:
+                data = _pread_exact(fd, offset, length)
+                if len(data) != length or (not trusted
+                                           and hashlib.sha256(data).digest() != digest):
+                    raise _changed(s, "changed")
+                return data
+            # a chunk already stored is not read: the version records the staged bytes
+            if repo.put_blob(digest.hex(), chunk, size=length, durable=False):
+                new += length
+            progress.advance(length)
     finally:
         os.close(fd)
     return [Placed(s.path, s.sha256, None, 0, s.chunks, new)]

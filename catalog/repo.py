@@ -223,30 +223,28 @@ class Repository:
             m.close()
 
     # ---- blobs ---------------------------------------------------------------------
-    def has_blob(self, blob_id: str, size: int | None = None) -> bool:
-        """Whether the blob is stored (and, given `size`, whole: a blob cut short by a
-        crash before it was durable counts as absent, so the next upload rewrites it)."""
-        try:
-            info = self.storage.stat(layout.blob_key(blob_id))
-        except NotFound:
-            return False
-        return size is None or info.size == size
+    def put_blob(self, blob_id: str, data, *, size: int | None = None,
+                 durable: bool = True) -> bool:
+        """Store a blob unless present. True if bytes were written.
 
-    def put_blob(self, blob_id: str, data, *, durable: bool = True) -> bool:
-        """Store a blob unless present. True if bytes were written. With durable=False
-        the write may skip its own flush (the local folder) until `make_durable()`."""
+        `data` is the bytes, or a callable that returns them (then `size` gives their
+        length): it is called only when the blob must be written, so the source of a
+        stored blob is never read. A stored blob of the wrong size is a torn write (a
+        crash before it was durable): its name fixes its bytes, so it is replaced. With
+        durable=False the write may skip its own flush (the local folder) until
+        `make_durable()`."""
         key = layout.blob_key(blob_id)
         try:
-            info = self.storage.stat(key)
+            stored = self.storage.stat(key).size
         except NotFound:
-            info = None
-        if info is not None and info.size == len(data):
+            stored = None
+        if stored is not None and stored == (len(data) if size is None else size):
             return False
+        if callable(data):
+            data = data()
         with self._deferred() if not durable else contextlib.nullcontext():
             try:
-                # a blob of the wrong size is a torn write: its name fixes its bytes,
-                # so replacing it is safe
-                self.storage.write(key, data, if_absent=info is None)
+                self.storage.write(key, data, if_absent=stored is None)
                 return True
             except PreconditionFailed:
                 return False
