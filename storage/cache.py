@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from strata.storage.errors import Corrupt
 
@@ -40,6 +40,19 @@ log = logging.getLogger("strata.cache")
 
 TOUCH_INTERVAL = 30.0      # seconds between access-time updates of one unit in the index
 EVICT_BATCH = 256
+T = TypeVar("T")
+
+
+def _on_file(path: str, op: Callable[[int], T]) -> T | None:
+    """`op(fd)` on the file at `path` opened for reading, or None if it does not exist."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        return op(fd)
+    finally:
+        os.close(fd)
 
 
 @dataclass
@@ -108,23 +121,13 @@ class UnitFiles:
         self._keep = keep
         self._closed = False
 
-    def pread(self, unit: str, path: str, offset: int, size: int) -> bytes | None:
-        """`size` bytes at `offset` of the unit file, or None if it is not on disk."""
+    def use(self, unit: str, path: str, op: Callable[[int], T]) -> T | None:
+        """`op(fd)` on the unit file's descriptor, or None if the file is not on disk."""
         slot = self._acquire(unit, path)
         if slot is None:
             return None
         try:
-            return os.pread(slot.fd, size, offset)
-        finally:
-            self._release(slot)
-
-    def preadv(self, unit: str, path: str, offset: int, buf: memoryview) -> int | None:
-        """Read into `buf` from `offset` of the unit file; None if it is not on disk."""
-        slot = self._acquire(unit, path)
-        if slot is None:
-            return None
-        try:
-            return os.preadv(slot.fd, [buf], offset)
+            return op(slot.fd)
         finally:
             self._release(slot)
 
@@ -226,63 +229,41 @@ class UnitCache:
         """`size` bytes at `offset` of the unit named `unit`, fetching it if absent.
         A reader that passes its `files` keeps the unit's descriptor open for its next
         reads instead of opening the unit file per request."""
-        data = self._hot_get(unit)
-        if data is None:
-            data = (files.pread(unit, self._file(unit), offset, size) if files is not None
-                    else self._pread(unit, offset, size))
-            if data is not None:
-                with self._lock:
-                    self.stats.hits += 1
-                self._touch(unit)
-                return data
-            with self.pinned(unit):
-                data = self._fetch_once(unit, fetch, what)
-        else:
-            with self._lock:
-                self.stats.hits += 1
-        return data[offset:offset + size]
+        data, got = self._lookup(unit, files, lambda fd: os.pread(fd, size, offset),
+                                 fetch, what)
+        return got if data is None else data[offset:offset + size]
 
     def read_into(self, unit: str, offset: int, buf: memoryview, fetch: Callable[[], bytes],
                   what: str = "", files: UnitFiles | None = None) -> int:
         """`read` into the caller's buffer (the FUSE reply's own memory: one copy less);
         returns the bytes read, len(buf) unless the unit is shorter."""
+        data, n = self._lookup(unit, files, lambda fd: os.preadv(fd, [buf], offset),
+                               fetch, what)
+        if data is None:
+            return n
+        part = memoryview(data)[offset:offset + len(buf)]
+        buf[:len(part)] = part
+        return len(part)
+
+    def _lookup(self, unit: str, files: UnitFiles | None, op: Callable[[int], T],
+                fetch: Callable[[], bytes], what: str) -> tuple[bytes | None, T | None]:
+        """The unit's bytes when they are in memory or had to be fetched: (data, None);
+        else `op(fd)` done on its file: (None, result)."""
         data = self._hot_get(unit)
         if data is None:
-            n = (files.preadv(unit, self._file(unit), offset, buf) if files is not None
-                 else self._preadv(unit, offset, buf))
-            if n is not None:
+            path = self._file(unit)
+            got = files.use(unit, path, op) if files is not None else _on_file(path, op)
+            if got is not None:
                 with self._lock:
                     self.stats.hits += 1
                 self._touch(unit)
-                return n
+                return None, got
             with self.pinned(unit):
                 data = self._fetch_once(unit, fetch, what)
         else:
             with self._lock:
                 self.stats.hits += 1
-        part = memoryview(data)[offset:offset + len(buf)]
-        buf[:len(part)] = part
-        return len(part)
-
-    def _preadv(self, unit: str, offset: int, buf: memoryview) -> int | None:
-        try:
-            fd = os.open(self._file(unit), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            return os.preadv(fd, [buf], offset)
-        finally:
-            os.close(fd)
-
-    def _pread(self, unit: str, offset: int, size: int) -> bytes | None:
-        try:
-            fd = os.open(self._file(unit), os.O_RDONLY)
-        except FileNotFoundError:
-            return None
-        try:
-            return os.pread(fd, size, offset)
-        finally:
-            os.close(fd)
+        return data, None
 
     def ensure(self, unit: str, fetch: Callable[[], bytes], what: str = "") -> None:
         """Make sure the unit is cached (used by readahead). A unit already on disk is
