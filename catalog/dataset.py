@@ -10,8 +10,8 @@ gc, listing) live in strata.catalog.ops and are re-exported here as class method
 from __future__ import annotations
 
 import bisect
-import itertools
 import getpass
+import itertools
 import json
 import os
 import time
