@@ -16,6 +16,10 @@ stamp and size still match is trusted and not hashed again; any other source is 
 and refused if its bytes changed. A chunk whose blob already exists is not even read: the
 version records the bytes that were hashed, and those are stored.
 
+Storing at add. Where writes are cheap (a folder repository), `hash_and_store` writes the
+blobs in the read that hashes the files, so every byte is read once; upload then only
+checks, with `check_stored`, that the sources are unchanged and the blobs still there.
+
 Durability. On backends that support it (the local folder), blobs are written without one
 fsync each and made durable in batches of DURABLE_EVERY bytes; a placement reaches the
 draft only after its batch is durable, so a resumed upload never trusts a blob that a
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -57,6 +62,13 @@ def stamp_of(st: os.stat_result) -> str:
 
 def hash_file(path: str, chunk_size: int) -> FileHash:
     """sha256 of the whole file and, for large files, of each chunk, in one read pass."""
+    return _hash(path, chunk_size)[0]
+
+
+def _hash(path: str, chunk_size: int,
+          on_chunk: Callable[[bytes, bytes], None] | None = None) -> tuple[FileHash, bytes | None]:
+    """hash_file, also returning a small file's bytes; `on_chunk(digest, bytes)` sees each
+    chunk of a large file as it is hashed."""
     whole = hashlib.sha256()
     opened_ns = time.time_ns()
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -65,9 +77,11 @@ def hash_file(path: str, chunk_size: int) -> FileHash:
         stamp = stamp_of(st) if st.st_ctime_ns < opened_ns - SETTLE_NS else None
         if st.st_size < chunk_size:
             data = _pread_exact(fd, 0, min(st.st_size + 1, chunk_size))
-            whole.update(data)
-            return FileHash(len(data), whole.hexdigest(), None,
-                            stamp if len(data) == st.st_size else None)
+            if len(data) < chunk_size:
+                whole.update(data)
+                return FileHash(len(data), whole.hexdigest(), None,
+                                stamp if len(data) == st.st_size else None), data
+            # grew to a chunk's size since fstat: hash it as the large file it now is
         digests = bytearray()
         total = 0
         while True:
@@ -75,12 +89,15 @@ def hash_file(path: str, chunk_size: int) -> FileHash:
             if not chunk:
                 break
             whole.update(chunk)
-            digests += hashlib.sha256(chunk).digest()
+            digest = hashlib.sha256(chunk).digest()
+            digests += digest
+            if on_chunk is not None:
+                on_chunk(digest, chunk)
             total += len(chunk)
     finally:
         os.close(fd)
     return FileHash(total, whole.hexdigest(), bytes(digests),
-                    stamp if total == st.st_size else None)
+                    stamp if total == st.st_size else None), None
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +166,114 @@ def _pread_exact(fd: int, offset: int, length: int) -> bytes:
         parts.append(more)
         got += len(more)
     return b"".join(parts)
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """Where `hash_and_store` put a file's bytes: a pack and offset for a small file (pack
+    None for an empty one), or the chunks named by its FileHash for a large file."""
+    pack: str | None
+    offset: int
+
+
+def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
+                   claimed: set[str], lock: threading.Lock
+                   ) -> tuple[list[tuple[FileHash, Stored | None]], int]:
+    """Hash files and store their bytes in the same read, for a repository whose writes
+    are cheap (a folder): a large file's chunks are written as they are hashed, and the
+    batch's small files whose bytes are not stored yet become one pack. `dedup` (sha256
+    to pack and offset) and `claimed` (sha256 of small files some batch is packing) are
+    shared by the batches running at once, under `lock`. Returns, per source, its hash
+    and where its bytes are (None when another batch is packing the same bytes: upload
+    places it), and the bytes written. Writes skip their flush: the caller makes them
+    durable before it records them."""
+    written = 0
+    out: list[tuple[FileHash, Stored | None]] = []
+    pack = bytearray()
+    in_pack: dict[str, int] = {}   # sha256 -> offset in this batch's pack
+    waiting: list[int] = []         # indexes in `out` placed once the pack is stored
+
+    def store_chunk(digest: bytes, chunk: bytes) -> None:
+        nonlocal written
+        if repo.put_blob(digest.hex(), chunk, durable=False):
+            written += len(chunk)
+
+    for source in sources:
+        h, data = _hash(source, repo.chunk_size, store_chunk)
+        if h.chunks is not None or h.size == 0:
+            out.append((h, Stored(None, 0)))
+            continue
+        if h.sha256 in in_pack:
+            waiting.append(len(out))
+            out.append((h, None))
+            continue
+        with lock:
+            where = dedup.get(h.sha256)
+            mine = where is None and h.sha256 not in claimed
+            if mine:
+                claimed.add(h.sha256)
+        if where is not None:
+            out.append((h, Stored(*where)))
+        elif mine:
+            in_pack[h.sha256] = len(pack)
+            pack += data
+            waiting.append(len(out))
+            out.append((h, None))
+        else:
+            out.append((h, None))
+    if pack:
+        blob = hashlib.sha256(pack).hexdigest()
+        if repo.put_blob(blob, pack, durable=False):
+            written += len(pack)
+        with lock:
+            for sha, offset in in_pack.items():
+                dedup.setdefault(sha, (blob, offset))
+        for i in waiting:
+            h = out[i][0]
+            out[i] = (h, Stored(blob, in_pack[h.sha256]))
+    return out, written
+
+
+def check_stored(repo, stored: list[tuple[Staged, str | None, int]],
+                 progress: Progress = NO_PROGRESS) -> tuple[list[Placed], list[Staged]]:
+    """Files whose bytes add already stored (`hash_and_store`), with their pack and
+    offset: those whose blobs are all present and whose source is unchanged since add
+    (same stamp, or else the same sha256: a source too fresh at add to carry a stamp is
+    read again) are placed; those with a blob missing (removed by gc since) go back to be
+    uploaded. A changed or vanished source is refused, as upload refuses it."""
+    fresh = []
+    for s, _, _ in stored:
+        try:
+            st = os.stat(s.source)
+        except FileNotFoundError:
+            raise _changed(s, "vanished") from None
+        if st.st_size != s.size:
+            raise _changed(s, "changed size")
+        if s.stamp is None or stamp_of(st) != s.stamp:
+            fresh.append(s)
+    if fresh:
+        progress.start("checking", sum(s.size for s in fresh))
+        for s in fresh:
+            if hash_file(s.source, repo.chunk_size).sha256 != s.sha256:
+                raise _changed(s, "changed")
+            progress.advance(s.size)
+        progress.done()
+    present: dict[str, bool] = {}
+
+    def have(blob: str) -> bool:
+        if blob not in present:
+            present[blob] = repo.blob_size(blob) is not None
+        return present[blob]
+
+    placed, missing = [], []
+    for s, pack, offset in stored:
+        blobs_of = ([pack] if pack else []) if s.chunks is None else \
+            [s.chunks[i:i + 32].hex() for i in range(0, len(s.chunks), 32)]
+        if all(have(b) for b in blobs_of):
+            placed.append(Placed(s.path, s.sha256, pack, offset, s.chunks, 0))
+        else:
+            missing.append(s)
+    return placed, missing
 
 
 def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],

@@ -14,6 +14,7 @@ import getpass
 import itertools
 import json
 import os
+import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -345,25 +346,37 @@ class Dataset:
                     and cur.mtime_ns == c.mtime_ns and cur.mode == c.mode):
                 continue  # the mtime+size shortcut: unchanged, not rehashed
             to_hash.append(c)
-        progress.start("hashing", sum(c.size for c in to_hash))
-        chunk = self.repo.chunk_size
+        store = self.repo.stores_on_add
+        progress.start("hashing and storing" if store else "hashing",
+                       sum(c.size for c in to_hash))
+        dedup = self._stored_small_files(d) if store else {}
+        claimed: set[str] = set()
+        lock = threading.Lock()
+        written = 0
 
         def digest(batch: list[Candidate]):
-            out = []
-            for c in batch:
-                try:
-                    h = blobs.hash_file(c.source, chunk)
-                except FileNotFoundError:
-                    raise SourceMissing(f"{c.source} vanished while it was being added") \
-                        from None
-                out.append((c, h))
-            progress.advance(sum(h.size for _, h in out))
-            return out
+            nonlocal written
+            try:
+                if store:
+                    out, new = blobs.hash_and_store(self.repo, [c.source for c in batch],
+                                                    dedup, claimed, lock)
+                    with lock:
+                        written += new
+                else:
+                    out = [(blobs.hash_file(c.source, self.repo.chunk_size), None)
+                           for c in batch]
+            except FileNotFoundError as exc:
+                raise SourceMissing(f"{exc.filename} vanished while it was being added") \
+                    from None
+            progress.advance(sum(h.size for h, _ in out))
+            return [(c, h, where) for c, (h, where) in zip(batch, out)]
 
-        with ThreadPoolExecutor(HASH_WORKERS, thread_name_prefix="strata-hash") as pool:
-            results = (pair for batch in pool.map(digest, _batches(to_hash))
-                       for pair in batch)
-            for c, h in results:
+        batches = (_batches(to_hash, blobs.PACK_MAX_FILES, self.repo.pack_size) if store
+                   else _batches(to_hash))
+        with ThreadPoolExecutor(HASH_WORKERS * 2 if store else HASH_WORKERS,
+                                thread_name_prefix="strata-hash") as pool:
+            results = (item for batch in pool.map(digest, batches) for item in batch)
+            for c, h, where in results:
                 cur = view.files.get(c.path)
                 pe = parent.files.get(c.path)
                 if (pe is not None and pe.kind == "f" and pe.sha256 == h.sha256
@@ -374,12 +387,17 @@ class Dataset:
                 if cur is not None and cur.kind == "f" and cur.sha256 == h.sha256 \
                         and cur.mode == c.mode and c.path in staged:
                     continue
+                pack, offset, placed = (None, 0, 0) if where is None else \
+                    (where.pack, where.offset, drafts.STORED)
                 rows.append((c.path, "f", c.source, h.size, h.sha256, c.mode, c.mtime_ns,
-                             h.chunks, None, None, 0, 0, h.stamp))
+                             h.chunks, None, pack, offset, placed, h.stamp))
                 if pe is None or _hidden(c.path, hidden):
                     added += 1
                 else:
                     modified += 1
+        if written:
+            self.repo.make_durable()   # before the draft records where the bytes are
+            d.set(uploaded_bytes=d.get("uploaded_bytes", 0) + written)
         progress.done()
         self._displace(d, [r[0] for r in rows], [p for p, _, _ in dirs])
         d.stage(rows)
@@ -416,16 +434,15 @@ class Dataset:
         """Store the draft's new bytes as blobs. Resumable: what is stored is recorded.
         Returns the number of bytes written."""
         d = self._require_draft("upload")
+        stored = d.stored_unchecked()
+        if stored:   # stored at add: check the sources, upload what gc took meanwhile
+            placed, missing = blobs.check_stored(self.repo, stored, progress)
+            d.place(placed)
+            d.unstore([s.path for s in missing])
         todo = d.unplaced()
         if not todo:
             return 0
-        dedup: dict[str, tuple[str, int]] = {}
-        for e in self.parent_view().files.values():
-            if e.pack and e.sha256:
-                dedup.setdefault(e.sha256, (e.pack, e.offset))
-        for sha, pack, offset in d.db.execute(
-                "SELECT sha256, pack, offset FROM entries WHERE pack IS NOT NULL"):
-            dedup.setdefault(sha, (pack, offset))
+        dedup = self._stored_small_files(d)
         progress.start("uploading", sum(s.size for s in todo))
         try:
             written = blobs.upload(self.repo, todo, dedup=dedup, on_placed=d.place,
@@ -434,6 +451,18 @@ class Dataset:
             progress.done()
         d.set(uploaded_bytes=d.get("uploaded_bytes", 0) + written)
         return written
+
+    def _stored_small_files(self, d: drafts.Draft) -> dict[str, tuple[str, int]]:
+        """sha256 -> (pack, offset) of every small file the parents or this draft stored:
+        a file with those bytes is placed there, not stored again."""
+        dedup: dict[str, tuple[str, int]] = {}
+        for e in self.parent_view().files.values():
+            if e.pack and e.sha256:
+                dedup.setdefault(e.sha256, (e.pack, e.offset))
+        for sha, pack, offset in d.db.execute(
+                "SELECT sha256, pack, offset FROM entries WHERE pack IS NOT NULL"):
+            dedup.setdefault(sha, (pack, offset))
+        return dedup
 
     def finalize(self, verbose: bool = False, raise_on_error: bool = True,
                  auto_upload: bool = False, progress: Progress = NO_PROGRESS) -> bool:

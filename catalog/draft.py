@@ -2,7 +2,8 @@
 
 A draft is a small SQLite file (workspace/drafts/<id>.db) holding the version's fields,
 the entries added (with the local file each came from and, once uploaded, where its bytes
-now live), the paths removed and the directories added. Nothing in the repository refers
+now live; a folder repository stores them already at add, and upload then checks their
+sources), the paths removed and the directories added. Nothing in the repository refers
 to a draft, so a half-built version is never visible to readers; an interrupted upload
 resumes from what the draft has recorded as placed.
 """
@@ -32,6 +33,8 @@ CREATE TABLE IF NOT EXISTS removed(path TEXT PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS dirs(path TEXT PRIMARY KEY, mode INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL);
 """
+
+STORED = 2   # entries.placed: 0 not stored, 1 placed, STORED stored by add, sources unchecked
 
 
 def drafts_dir() -> Path:
@@ -127,9 +130,23 @@ class Draft:
             "SELECT path, source, size, sha256, chunks, stamp FROM entries "
             "WHERE placed=0 AND kind='f' ORDER BY path")]
 
+    def stored_unchecked(self) -> list[tuple[Staged, str | None, int]]:
+        """Files whose bytes add stored already (placed=STORED), with their pack and
+        offset: upload still checks that their sources did not change since."""
+        return [(Staged(*r[:6]), r[6], r[7]) for r in self.db.execute(
+            "SELECT path, source, size, sha256, chunks, stamp, pack, offset FROM entries "
+            "WHERE placed=? AND kind='f' ORDER BY path", (STORED,))]
+
     def unplaced_count(self) -> int:
+        """Files not uploaded yet, including those stored at add but not checked."""
         return self.db.execute(
-            "SELECT count(*) FROM entries WHERE placed=0 AND kind='f'").fetchone()[0]
+            "SELECT count(*) FROM entries WHERE placed!=1 AND kind='f'").fetchone()[0]
+
+    def unstore(self, paths: list[str]) -> None:
+        """Files stored at add whose blobs are gone: upload them like any other."""
+        with self.db:
+            self.db.executemany("UPDATE entries SET pack=NULL, offset=0, placed=0 "
+                                "WHERE path=?", [(p,) for p in paths])
 
     def place(self, placed: list[Placed]) -> None:
         with self.db:

@@ -249,6 +249,20 @@ class Repository:
             except PreconditionFailed:
                 return False
 
+    def blob_size(self, blob_id: str) -> int | None:
+        """The stored size of a blob, or None if it is not stored."""
+        try:
+            return self.storage.stat(layout.blob_key(blob_id)).size
+        except NotFound:
+            return None
+
+    @property
+    def stores_on_add(self) -> bool:
+        """Whether adding files stores their bytes at once, in the read that hashes them:
+        where writes are cheap and can be flushed in batches (a folder), instead of
+        reading every file twice. Upload then only checks the sources are unchanged."""
+        return hasattr(self.storage, "deferred_durability")
+
     def _deferred(self):
         defer = getattr(self.storage, "deferred_durability", None)
         return defer() if defer is not None else contextlib.nullcontext()

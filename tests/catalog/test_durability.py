@@ -1,4 +1,5 @@
-"""Hashing once and batched durability of uploads (catalog/blobs.py, storage/local.py)."""
+"""Hashing once, storing at add, and batched durability of uploads (catalog/blobs.py,
+storage/local.py)."""
 
 import hashlib
 import os
@@ -6,7 +7,7 @@ import os
 import pytest
 
 from strata.catalog import Dataset, blobs, layout
-from strata.catalog.errors import SourceChanged
+from strata.catalog.errors import SourceChanged, SourceMissing
 from strata.catalog.repo import Repository
 from strata.storage import local
 from tests.catalog.conftest import tree, write
@@ -16,6 +17,19 @@ from tests.catalog.conftest import tree, write
 def settled(monkeypatch):
     """Every source counts as settled: its ctime is older than the moment it is hashed."""
     monkeypatch.setattr(blobs, "SETTLE_NS", -1)
+
+
+@pytest.fixture
+def upload_path(monkeypatch):
+    """The folder repository behaves like a cloud one: add only hashes, upload stores."""
+    monkeypatch.setattr(Repository, "stores_on_add", property(lambda self: False))
+
+
+@pytest.fixture(params=["stored at add", "stored by upload"])
+def either_path(request):
+    if request.param == "stored by upload":
+        request.getfixturevalue("upload_path")
+    return request.param
 
 
 @pytest.fixture
@@ -32,7 +46,7 @@ def sha256_calls(monkeypatch):
 
 
 def test_settled_sources_are_not_hashed_again_at_upload(tmp_path, repo_url, settled,
-                                                       sha256_calls):
+                                                       upload_path, sha256_calls):
     src = tmp_path / "s"
     for i in range(5):
         write(src, f"small{i}", os.urandom(1000 + i))
@@ -48,7 +62,7 @@ def test_settled_sources_are_not_hashed_again_at_upload(tmp_path, repo_url, sett
     assert tree(out) == tree(src)
 
 
-def test_unsettled_sources_are_hashed_again(tmp_path, repo_url, sha256_calls):
+def test_unsettled_sources_are_hashed_again(tmp_path, repo_url, either_path, sha256_calls):
     src = tmp_path / "s"
     write(src, "small", os.urandom(1000))
     write(src, "big", os.urandom(200_000))
@@ -56,11 +70,16 @@ def test_unsettled_sources_are_hashed_again(tmp_path, repo_url, sha256_calls):
     ds.add_files(src)       # just written: too fresh to trust its ctime
     del sha256_calls[:]
     ds.upload()
-    assert sorted(sha256_calls) == sorted([1000, 1000] + [65536] * 3 + [200_000 - 3 * 65536])
+    chunks = [65536] * 3 + [200_000 - 3 * 65536]
+    if either_path == "stored by upload":   # the pack is named by its hash too
+        assert sorted(sha256_calls) == sorted([1000, 1000] + chunks)
+    else:               # each file hashed again, whole (fed in pieces) and per chunk
+        assert sorted(sha256_calls) == sorted([0, 0] + chunks)
 
 
 @pytest.mark.parametrize("size", [1000, 200_000])
-def test_settled_source_changed_after_add_is_refused(tmp_path, repo_url, settled, size):
+def test_settled_source_changed_after_add_is_refused(tmp_path, repo_url, settled, size,
+                                                     either_path):
     src = tmp_path / "s"
     write(src, "f", os.urandom(size))
     ds = Dataset.create("n", "p", repo=repo_url)
@@ -82,7 +101,8 @@ def one_big_file_version(tmp_path, repo_url, size):
     return src, data, v1
 
 
-def test_chunks_already_stored_are_not_read(tmp_path, repo_url, settled, monkeypatch):
+def test_chunks_already_stored_are_not_read(tmp_path, repo_url, settled, upload_path,
+                                            monkeypatch):
     src, data, v1 = one_big_file_version(tmp_path, repo_url, 300_000)
     with open(src / "big", "r+b") as f:    # change the last chunk only
         f.seek(299_000)
@@ -181,3 +201,94 @@ def test_deferred_writes_start_their_writeback_at_once(tmp_path, monkeypatch):
     assert len(started) == 1
     store.make_durable()
     assert (tmp_path / "store" / "a").read_bytes() == b"x" * 100_000
+
+
+def blob_bytes(repo_url) -> dict[str, int]:
+    root = os.path.join(repo_url, "blobs")
+    return {name: os.path.getsize(os.path.join(d, name))
+            for d, _, names in os.walk(root) for name in names}
+
+
+def test_a_folder_repository_stores_the_bytes_in_the_read_that_hashes_them(
+        tmp_path, repo_url, settled, monkeypatch):
+    src = tmp_path / "s"
+    for i in range(30):
+        write(src, f"small/{i}", os.urandom(5000 + i))
+    write(src, "small/twin", (src / "small" / "0").read_bytes())
+    write(src, "big", os.urandom(300_000))           # 5 chunks of 64 KiB
+    total = sum(5000 + i for i in range(30)) + 300_000
+    read = []
+    real = blobs._pread_exact
+    monkeypatch.setattr(blobs, "_pread_exact",
+                        lambda fd, off, n: read.append(n) or real(fd, off, n))
+    ds = Dataset.create("n", "p", repo=repo_url)
+    ds.add_files(src)
+    assert sum(blob_bytes(repo_url).values()) == total      # stored, the twin once
+    del read[:]
+    assert ds.upload() == 0
+    ds.finalize()
+    assert read == []                                  # upload read no source byte
+    assert ds.record.uploaded_bytes == total
+    out = tmp_path / "o"
+    Dataset.get(ds.id, repo=repo_url).get_mutable_local_copy(out)
+    assert tree(out) == tree(src)
+
+
+def test_stored_bytes_removed_before_upload_are_stored_again(tmp_path, repo_url, settled):
+    """A blob written by add but deleted before upload (gc after its grace period) is
+    noticed by upload, which stores it again."""
+    src = tmp_path / "s"
+    for i in range(5):
+        write(src, f"small{i}", os.urandom(3000))
+    write(src, "big", os.urandom(200_000))
+    ds = Dataset.create("n", "p", repo=repo_url)
+    ds.add_files(src)
+    stored = blob_bytes(repo_url)
+    pack = next(b for b, size in stored.items() if size == 5 * 3000)
+    chunk = next(b for b, size in stored.items() if size == 65536)
+    for blob in (pack, chunk):
+        os.unlink(os.path.join(repo_url, layout.blob_key(blob)))
+    assert ds.upload() == 5 * 3000 + 65536
+    ds.finalize()
+    out = tmp_path / "o"
+    Dataset.get(ds.id, repo=repo_url).get_mutable_local_copy(out)
+    assert tree(out) == tree(src)
+
+
+def test_equal_small_files_hashed_in_parallel_are_stored_once(tmp_path, repo_url, settled):
+    src = tmp_path / "s"
+    contents = [os.urandom(20_000) for _ in range(3)]
+    for i in range(90):      # ~8 batches of 256 KiB hashed two at a time
+        write(src, f"d/{i:02d}", contents[i % 3])
+    ds = Dataset.create("n", "p", repo=repo_url)
+    ds.add_files(src)
+    ds.finalize(auto_upload=True)
+    assert sum(blob_bytes(repo_url).values()) == 3 * 20_000
+    out = tmp_path / "o"
+    Dataset.get(ds.id, repo=repo_url).get_mutable_local_copy(out)
+    assert tree(out) == tree(src)
+
+
+def test_an_interrupted_add_records_nothing_and_can_be_run_again(tmp_path, repo_url,
+                                                                   monkeypatch):
+    src = tmp_path / "s"
+    for i in range(20):
+        write(src, f"f{i:02d}", os.urandom(30_000))
+    write(src, "big", os.urandom(200_000))
+    real = blobs._hash
+
+    def vanishing(path, *args):
+        if path.endswith("f13"):
+            raise FileNotFoundError(2, "No such file or directory", path)
+        return real(path, *args)
+    monkeypatch.setattr(blobs, "_hash", vanishing)
+    ds = Dataset.create("n", "p", repo=repo_url)
+    with pytest.raises(SourceMissing, match="f13 vanished"):
+        ds.add_files(src)
+    assert ds.list_files() == []
+    monkeypatch.setattr(blobs, "_hash", real)
+    ds.add_files(src)
+    ds.finalize(auto_upload=True)
+    out = tmp_path / "o"
+    Dataset.get(ds.id, repo=repo_url).get_mutable_local_copy(out)
+    assert tree(out) == tree(src)

@@ -9,6 +9,7 @@ from strata.catalog import dataset as dataset_mod
 from strata.catalog.errors import HasChildren, InvalidPath, TargetNotEmpty, BadArgument
 from strata.catalog.materialize import select_part
 from strata.catalog.ops import delete, gc, list_datasets, log, rename
+from strata.catalog.repo import Repository
 from strata.storage.errors import Transient
 from tests.catalog.conftest import tree, write
 
@@ -110,22 +111,35 @@ class FailingWrites:
         return getattr(self.inner, name)
 
 
-def test_interrupted_upload_resumes_with_every_file(tmp_path, repo_url):
+@pytest.mark.parametrize("stored_by", ["upload", "add"])
+def test_interrupted_upload_resumes_with_every_file(tmp_path, repo_url, stored_by,
+                                                    monkeypatch):
+    """Storage failing after a few blobs, in the upload (a cloud repository) or in the add
+    that stores as it hashes (a folder repository): rerunning finishes the version."""
+    if stored_by == "upload":
+        monkeypatch.setattr(Repository, "stores_on_add", property(lambda self: False))
     src = tmp_path / "s"
     files = {f"small/{i:03}": os.urandom(20_000) for i in range(60)}
     files["big"] = os.urandom(700_000)
     for rel, data in files.items():
         write(src, rel, data)
     ds = Dataset.create("n", "p", repo=repo_url)
-    ds.add_files(src)
     real = ds.repo.storage
+    if stored_by == "upload":
+        ds.add_files(src)
     for allow in (1, 3, 6):
         ds.repo.storage = FailingWrites(real, allow)
         with pytest.raises(Transient):
-            ds.finalize(auto_upload=True)
+            if stored_by == "add":
+                ds.add_files(src)
+            else:
+                ds.finalize(auto_upload=True)
         assert not ds.is_final()
         assert list_datasets(repo=repo_url) == []       # nothing half-written is visible
     ds.repo.storage = real
+    if stored_by == "add":
+        assert ds.list_files() == []
+        ds.add_files(src)
     ds.finalize(auto_upload=True)
     dataset_mod._repos.clear()
     out = tmp_path / "o"

@@ -6,6 +6,8 @@ import io
 import threading
 
 import pytest
+
+from strata.catalog import blobs
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.cli import output
 from strata.cli import state as state_mod
@@ -81,12 +83,14 @@ class Recorder(Progress):
 
 
 def test_progress_is_passed_to_the_library(run, src, tmp_path, monkeypatch):
+    monkeypatch.setattr(blobs, "SETTLE_NS", -1)   # sources old enough to trust: no rehash
     recorder = Recorder()
     monkeypatch.setattr(state_mod, "make_progress", lambda quiet: recorder)
     run.new_id("create", "--project", "p", "--name", "n")
-    run("add", "--files", src)
-    run("close")
+    run("add", "--files", src)     # the embedded folder repository stores while hashing
+    run("close")                   # so upload only checks the sources
     run("get", "--copy", tmp_path / "copy")
     run("verify")
     run.new_id("sync", "--project", "p", "--name", "n", "--folder", src)
-    assert recorder.started == ["hashing", "uploading", "get", "verifying", "hashing"]
+    assert recorder.started == ["hashing and storing", "get", "verifying",
+                                "hashing and storing"]
