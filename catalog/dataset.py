@@ -32,6 +32,7 @@ from strata.catalog.repo import Repository
 from strata.storage.errors import PreconditionFailed
 
 HASH_WORKERS = max(2, os.cpu_count() or 2)   # hashing is CPU-bound: one per core
+STORE_WORKERS = 2 * HASH_WORKERS   # hashing and writing: the disk works while others hash
 
 
 _repos: dict[str, Repository] = {}
@@ -373,7 +374,7 @@ class Dataset:
 
         batches = (_batches(to_hash, blobs.PACK_MAX_FILES, self.repo.pack_size) if store
                    else _batches(to_hash))
-        with ThreadPoolExecutor(HASH_WORKERS * 2 if store else HASH_WORKERS,
+        with ThreadPoolExecutor(STORE_WORKERS if store else HASH_WORKERS,
                                 thread_name_prefix="strata-hash") as pool:
             results = (item for batch in pool.map(digest, batches) for item in batch)
             for c, h, where in results:
