@@ -60,13 +60,15 @@ def stamp_of(st: os.stat_result) -> str:
     return f"{st.st_ino:x}:{st.st_ctime_ns:x}:{st.st_size:x}"
 
 
-def hash_file(path: str, chunk_size: int) -> FileHash:
-    """sha256 of the whole file and, for large files, of each chunk, in one read pass."""
-    return _hash(path, chunk_size)[0]
+def hash_file(path: str, chunk_size: int, *, frozen: bool = False) -> FileHash:
+    """sha256 of the whole file and, for large files, of each chunk, in one read pass.
+    `frozen`: the caller guarantees nothing writes the file any more (a frozen overlay
+    generation), so it gets a stamp however fresh it is."""
+    return _hash(path, chunk_size, frozen=frozen)[0]
 
 
-def _hash(path: str, chunk_size: int,
-          on_chunk: Callable[[bytes, bytes], None] | None = None) -> tuple[FileHash, bytes | None]:
+def _hash(path: str, chunk_size: int, on_chunk: Callable[[bytes, bytes], None] | None = None,
+          *, frozen: bool = False) -> tuple[FileHash, bytes | None]:
     """hash_file, also returning a small file's bytes; `on_chunk(digest, bytes)` sees each
     chunk of a large file as it is hashed."""
     whole = hashlib.sha256()
@@ -74,7 +76,8 @@ def _hash(path: str, chunk_size: int,
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         st = os.fstat(fd)
-        stamp = stamp_of(st) if st.st_ctime_ns < opened_ns - SETTLE_NS else None
+        settled = frozen or st.st_ctime_ns < opened_ns - SETTLE_NS
+        stamp = stamp_of(st) if settled else None
         if st.st_size < chunk_size:
             data = _pread_exact(fd, 0, min(st.st_size + 1, chunk_size))
             if len(data) < chunk_size:
@@ -177,7 +180,7 @@ class Stored:
 
 
 def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
-                   claimed: set[str], lock: threading.Lock
+                   claimed: set[str], lock: threading.Lock, *, frozen: bool = False
                    ) -> tuple[list[tuple[FileHash, Stored | None]], int]:
     """Hash files and store their bytes in the same read, for a repository whose writes
     are cheap (a folder): a large file's chunks are written as they are hashed, and the
@@ -186,7 +189,7 @@ def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
     shared by the batches running at once, under `lock`. Returns, per source, its hash
     and where its bytes are (None when another batch is packing the same bytes: upload
     places it), and the bytes written. Writes skip their flush: the caller makes them
-    durable before it records them."""
+    durable before it records them. `frozen` as for hash_file."""
     written = 0
     out: list[tuple[FileHash, Stored | None]] = []
     pack = bytearray()
@@ -199,7 +202,7 @@ def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
             written += len(chunk)
 
     for source in sources:
-        h, data = _hash(source, repo.chunk_size, store_chunk)
+        h, data = _hash(source, repo.chunk_size, store_chunk, frozen=frozen)
         if h.chunks is not None or h.size == 0:
             out.append((h, Stored(None, 0)))
             continue

@@ -35,7 +35,9 @@ class ChangeSet:
 
 
 def stage_changes(ds: Dataset, changes: ChangeSet, progress: Progress = NO_PROGRESS) -> None:
-    """Stage `changes` into the draft `ds` (whose parent is the version they apply to)."""
+    """Stage `changes` into the draft `ds` (whose parent is the version they apply to).
+    Its local files must no longer change (a frozen overlay generation): they are hashed
+    once and not checked again at upload."""
     d = ds._require_draft("commit changes")
     for p in changes.removed:
         paths.clean(p)
@@ -65,7 +67,7 @@ def stage_changes(ds: Dataset, changes: ChangeSet, progress: Progress = NO_PROGR
         cands.append(Candidate(paths.clean(path), local, "f", st.st_size,
                                stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns))
     if cands:
-        ds._stage(d, cands, progress)
+        ds._stage(d, cands, progress, frozen=True)
 
 
 def open_child(parent: Dataset, *, draft_id: str | None = None, name: str | None = None,

@@ -319,8 +319,11 @@ class Dataset:
             d.remove(sorted(emptied))
             self._changed()
 
-    def _stage(self, d: drafts.Draft, cands: list[Candidate],
-               progress: Progress) -> tuple[int, int]:
+    def _stage(self, d: drafts.Draft, cands: list[Candidate], progress: Progress,
+               *, frozen: bool = False) -> tuple[int, int]:
+        """Stage local files (and links and folders) that differ from the version's view.
+        `frozen`: nothing writes the sources any more (an overlay frozen for a commit), so
+        upload trusts them however fresh they are, instead of hashing them again."""
         view = self.view()
         parent = self.parent_view()
         staged = {e.path: e for e in d.entries()}
@@ -360,12 +363,12 @@ class Dataset:
             try:
                 if store:
                     out, new = blobs.hash_and_store(self.repo, [c.source for c in batch],
-                                                    dedup, claimed, lock)
+                                                    dedup, claimed, lock, frozen=frozen)
                     with lock:
                         written += new
                 else:
-                    out = [(blobs.hash_file(c.source, self.repo.chunk_size), None)
-                           for c in batch]
+                    out = [(blobs.hash_file(c.source, self.repo.chunk_size, frozen=frozen),
+                            None) for c in batch]
             except FileNotFoundError as exc:
                 raise SourceMissing(f"{exc.filename} vanished while it was being added") \
                     from None

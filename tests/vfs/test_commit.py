@@ -164,3 +164,41 @@ def test_interrupted_commit_retried_gives_exactly_one_child(tmp_path, monkeypatc
         assert s2.fs.read_path("new") == b"x" * 1000
     finally:
         env.close()
+
+
+@pytest.mark.parametrize("stores_on_add", [True, False])
+def test_a_commit_reads_each_new_file_once(tmp_path, monkeypatch, stores_on_add):
+    """The frozen generation's files cannot change any more, so a commit trusts them
+    however fresh: each is hashed once (while stored, in a folder repository) and neither
+    checked nor hashed again at upload."""
+    from strata.catalog import blobs
+    monkeypatch.setattr(Repository, "stores_on_add", property(lambda self: stores_on_add))
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        new = {"small": b"s" * 1000, "large": os.urandom(5 * CHUNK + 7)}
+        for name, data in new.items():
+            fh = s.fs.create(name, 0o644)
+            s.fs.write(fh, 0, data)
+            s.fs.release(fh)
+        hashed = []
+        real = blobs._hash
+        monkeypatch.setattr(blobs, "_hash", lambda p, *a, **kw: hashed.append(p) or
+                            real(p, *a, **kw))
+        trusted = []
+        real_open = blobs._open_source
+
+        def open_source(staged):
+            fd, trust = real_open(staged)
+            trusted.append(trust)
+            return fd, trust
+        monkeypatch.setattr(blobs, "_open_source", open_source)
+        child = s.commit()
+        assert len(hashed) == len(set(hashed)) == 2     # the two upper files, once each
+        # read again to be uploaded, but not hashed again
+        assert trusted == ([] if stores_on_add else [True, True])
+        out = tmp_path / "out"
+        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+        assert {n: (out / n).read_bytes() for n in new} == new
+    finally:
+        env.close()
