@@ -277,10 +277,10 @@ def test_an_interrupted_add_records_nothing_and_can_be_run_again(tmp_path, repo_
     write(src, "big", os.urandom(200_000))
     real = blobs._hash
 
-    def vanishing(path, *args):
+    def vanishing(path, *args, **kwargs):
         if path.endswith("f13"):
             raise FileNotFoundError(2, "No such file or directory", path)
-        return real(path, *args)
+        return real(path, *args, **kwargs)
     monkeypatch.setattr(blobs, "_hash", vanishing)
     ds = Dataset.create("n", "p", repo=repo_url)
     with pytest.raises(SourceMissing, match="f13 vanished"):

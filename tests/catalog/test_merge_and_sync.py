@@ -81,7 +81,8 @@ def test_sync_reports_changes_and_skips_rehash_of_unchanged(tmp_path, repo_url, 
     write(src, "new", "new")
     hashed = []
     real = blobs._hash
-    monkeypatch.setattr(blobs, "_hash", lambda p, *a: hashed.append(p) or real(p, *a))
+    monkeypatch.setattr(blobs, "_hash",
+                        lambda p, *a, **kw: hashed.append(p) or real(p, *a, **kw))
     child = Dataset.create("n", "p", parent_datasets=[base.id], repo=repo_url)
     assert child.sync_folder(src) == (1, 1, 1)
     assert sorted(os.path.basename(p) for p in hashed) == ["f1", "new"]
