@@ -238,12 +238,12 @@ def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
 
 
 def check_stored(repo, stored: list[tuple[Staged, str | None, int]],
-                 progress: Progress = NO_PROGRESS) -> tuple[list[Placed], list[Staged]]:
+                 progress: Progress = NO_PROGRESS) -> list[Staged]:
     """Files whose bytes add already stored (`hash_and_store`), with their pack and
-    offset: those whose blobs are all present and whose source is unchanged since add
-    (same stamp, or else the same sha256: a source too fresh at add to carry a stamp is
-    read again) are placed; those with a blob missing (removed by gc since) go back to be
-    uploaded. A changed or vanished source is refused, as upload refuses it."""
+    offset: checks that each source is unchanged since add (same stamp, or else the same
+    sha256: a source too fresh at add to carry a stamp is read again) and returns those
+    with a blob missing (removed by gc since), to be uploaded again. A changed or
+    vanished source is refused, as upload refuses it."""
     fresh = []
     for s, _, _ in stored:
         try:
@@ -268,15 +268,13 @@ def check_stored(repo, stored: list[tuple[Staged, str | None, int]],
             present[blob] = repo.blob_size(blob) is not None
         return present[blob]
 
-    placed, missing = [], []
-    for s, pack, offset in stored:
+    missing = []
+    for s, pack, _ in stored:
         blobs_of = ([pack] if pack else []) if s.chunks is None else \
             [s.chunks[i:i + 32].hex() for i in range(0, len(s.chunks), 32)]
-        if all(have(b) for b in blobs_of):
-            placed.append(Placed(s.path, s.sha256, pack, offset, s.chunks, 0))
-        else:
+        if not all(have(b) for b in blobs_of):
             missing.append(s)
-    return placed, missing
+    return missing
 
 
 def upload(repo, staged: Iterable[Staged], *, dedup: dict[str, tuple[str, int]],

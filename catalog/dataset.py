@@ -440,9 +440,8 @@ class Dataset:
         d = self._require_draft("upload")
         stored = d.stored_unchecked()
         if stored:   # stored at add: check the sources, upload what gc took meanwhile
-            placed, missing = blobs.check_stored(self.repo, stored, progress)
-            d.place(placed)
-            d.unstore([s.path for s in missing])
+            missing = blobs.check_stored(self.repo, stored, progress)
+            d.confirm_stored([s.path for s in missing])
         todo = d.unplaced()
         if not todo:
             return 0

@@ -142,11 +142,13 @@ class Draft:
         return self.db.execute(
             "SELECT count(*) FROM entries WHERE placed!=1 AND kind='f'").fetchone()[0]
 
-    def unstore(self, paths: list[str]) -> None:
-        """Files stored at add whose blobs are gone: upload them like any other."""
+    def confirm_stored(self, missing: list[str]) -> None:
+        """Files stored at add are checked: `missing` (their blobs are gone) are to be
+        uploaded like any other, the rest are placed."""
         with self.db:
             self.db.executemany("UPDATE entries SET pack=NULL, offset=0, placed=0 "
-                                "WHERE path=?", [(p,) for p in paths])
+                                "WHERE path=?", [(p,) for p in missing])
+            self.db.execute("UPDATE entries SET placed=1 WHERE placed=?", (STORED,))
 
     def place(self, placed: list[Placed]) -> None:
         with self.db:
