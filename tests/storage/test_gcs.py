@@ -47,6 +47,8 @@ def test_client_is_anonymous_on_the_emulator_with_a_wide_pool(gcs_url) -> None:
     assert client.project == "test"
     assert type(client._credentials).__name__ == "AnonymousCredentials"
     assert client._http.get_adapter("http://x").poolmanager.connection_pool_kw["maxsize"] >= 32
+    # no background bucket-metadata fetch, which the SDK would retry on its own
+    assert not getattr(client, "_bucket_metadata_cache", None)
     assert storage is not open_storage(gcs_url, retry=False)
     assert client is open_storage(gcs_url, retry=False)._client  # one client, shared
 
