@@ -10,6 +10,13 @@ works with no strata-specific setting.
 Conditional writes are S3's own: `If-None-Match: *` for only-if-absent and `If-Match: <etag>`
 for compare-and-swap. Etags are returned without their quotes.
 
+Writes above `MULTIPART_THRESHOLD` (packs, mostly) go as a multipart upload: `PART_SIZE`
+parts, `UPLOAD_CONCURRENCY` in flight per write, and the only-if-absent condition sent with
+CompleteMultipartUpload, so a lost race leaves no object behind; an upload that fails or
+loses is aborted, so no parts are left to be billed. Compare-and-swap writes always go as
+one PutObject: they are small catalog records, and `If-Match` on PutObject is the form that
+S3-compatible stores (and moto) honour, while `If-Match` on CompleteMultipartUpload is not.
+
 One client per AWS environment, shared by all backends and threads (boto3 clients are
 thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns retrying, so the
 bound on attempts and time is ours. `_translate` is the one table from botocore errors to
@@ -18,6 +25,7 @@ strata's.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -39,6 +47,9 @@ POOL_SIZE = 64  # above the widest download/readahead pool, so threads never wai
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # per socket read, not per object: a stalled server fails within this
 # Both are cut down to the retry budget by retry.attempt_timeout (STRATA_RETRY_SECONDS).
+MULTIPART_THRESHOLD = 8 << 20  # larger writes go as multipart uploads (a chunk is one PUT)
+PART_SIZE = 8 << 20  # bytes per part; S3 needs at least 5 MiB for every part but the last
+UPLOAD_CONCURRENCY = 4  # parts in flight per write; the catalog runs several writes at once
 
 _clients = ClientCache()   # one client per distinct AWS environment
 
@@ -162,6 +173,8 @@ class S3Storage:
         check_write_args(if_absent, if_match)
         if not isinstance(data, bytes):
             data = bytes(data)  # the SDK takes bytes, not bytearray/memoryview
+        if len(data) > MULTIPART_THRESHOLD and if_match is None:
+            return self._write_multipart(key, data, if_absent=if_absent)
         conditions: dict[str, str] = {}
         if if_absent:
             conditions["IfNoneMatch"] = "*"
@@ -190,6 +203,52 @@ class S3Storage:
 
     def _full(self, key: str) -> str:
         return self._key_prefix + check_key(key, self.url)
+
+    def _write_multipart(self, key: str, data: bytes, *, if_absent: bool) -> str:
+        """`data` as a multipart upload of `PART_SIZE` parts, `UPLOAD_CONCURRENCY` at a time;
+        the condition is checked by S3 when the upload is completed."""
+        url, full = self.url_for(key), self._full(key)
+        with self._translated(url):
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ContentType="application/octet-stream")["UploadId"]
+
+        def put_part(number: int) -> dict[str, Any]:
+            start = (number - 1) * PART_SIZE
+            with self._translated(url):
+                response = self._client.upload_part(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
+                    Body=data[start:start + PART_SIZE])
+            return {"PartNumber": number, "ETag": response["ETag"]}
+
+        count = -(-len(data) // PART_SIZE)
+        try:
+            with ThreadPoolExecutor(min(UPLOAD_CONCURRENCY, count),
+                                    thread_name_prefix="strata-s3-part") as pool:
+                futures = [pool.submit(put_part, n) for n in range(1, count + 1)]
+                try:
+                    parts = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:  # stop at the first failed part
+                        future.cancel()
+                    raise
+            conditions = {"IfNoneMatch": "*"} if if_absent else {}
+            with self._translated(url):
+                response = self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts}, **conditions)
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        return _unquote(response["ETag"])
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        """Drop an unfinished multipart upload; best effort (a bucket lifecycle rule for
+        incomplete uploads is the backstop), and never hiding the error that caused it."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key,
+                                                UploadId=upload_id)
+        except Exception:  # noqa: BLE001 - the original failure is what the caller needs
+            pass
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
@@ -274,5 +333,5 @@ def _import_boto3() -> tuple[Any, Any]:
         from botocore.config import Config
     except ImportError:
         raise MissingDependency(
-            "S3 storage needs boto3: pip install 'strata[s3]'") from None
+            "s3:// storage needs boto3: pip install 'strata[s3]'") from None
     return boto3, Config
