@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -35,11 +36,23 @@ from strata.storage import s3  # noqa: E402
 from strata.storage.s3 import S3Storage, _translate, make_client  # noqa: E402
 from tests.conftest import MotoServer, apply_s3_env, free_port  # noqa: E402
 from tests.storage.contract import StorageContract  # noqa: E402
+from tests.storage.emulators import FlakyProxy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def serial_moto(s3_server) -> Iterator[FlakyProxy]:
+    """moto behind a proxy that passes one request at a time. moto checks If-None-Match /
+    If-Match and then stores, in two steps on a threaded server, so two racing conditional
+    writes can both pass there, where S3 decides atomically; without this the racing tests
+    would test moto. The SDK still sends concurrently."""
+    with FlakyProxy(s3_server.endpoint_url, serial=True) as proxy:
+        yield proxy
 
 
 class TestS3Storage(StorageContract):
     @pytest.fixture
-    def storage(self, s3_url: str) -> S3Storage:
+    def storage(self, serial_moto, s3_url, monkeypatch) -> S3Storage:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", serial_moto.endpoint)
         return open_storage(s3_url, retry=False)
 
 
