@@ -19,11 +19,9 @@ from strata.storage import (  # noqa: E402
     NotFound,
     PermissionDenied,
     PreconditionFailed,
-    RetryingStorage,
     StorageError,
     StrataError,
     Transient,
-    Unreachable,
     open_storage,
 )
 from strata.storage import azure as azure_backend  # noqa: E402
@@ -52,6 +50,14 @@ class TestAzureStorage(StorageContract):
     @pytest.fixture
     def storage(self, azure_url: str) -> AzureStorage:
         return open_storage(azure_url, retry=False)
+
+    @pytest.fixture
+    def flaky(self, azurite, azure_url, monkeypatch):
+        """The same location through a proxy that answers 503: through the SDK, on HTTP."""
+        with FlakyProxy(azurite.endpoint) as proxy:
+            monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
+                               azurite_connection_string(proxy.endpoint))
+            yield open_storage(azure_url, retry=False), proxy
 
 
 def test_connection_string_to_a_local_endpoint_works_unchanged(azurite, azure_url) -> None:
@@ -239,25 +245,6 @@ def test_malformed_urls_are_invalid(url) -> None:
     with pytest.raises(InvalidURL) as info:
         open_storage(url)
     assert "azure://<account>.blob.core.windows.net/<container>" in str(info.value)
-
-
-def test_injected_503s_are_retried_through_the_sdk(azurite, azure_url, monkeypatch) -> None:
-    container = azure_url.split("/")[3]
-    with FlakyProxy(azurite.endpoint, failures=2) as proxy:
-        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
-                           azurite_connection_string(proxy.endpoint))
-        raw = open_storage(f"azure://{AZURE_HOST}/{container}/flaky", retry=False)
-        with pytest.raises(Transient, match="503"):
-            raw.write("k", b"data")
-        proxy.failures = 3
-        storage = RetryingStorage(raw, attempts=5, base_delay=0.001, max_delay=0.01)
-        storage.write("k", b"data", if_absent=True)
-        proxy.failures = 2
-        assert storage.read("k") == b"data"
-        assert storage.stat("k").size == 4  # HEAD through the proxy
-        proxy.failures = 100
-        with pytest.raises(Unreachable, match="3 attempts"):
-            RetryingStorage(raw, attempts=3, base_delay=0.001).stat("k")
 
 
 def test_unreachable_endpoint_is_transient(monkeypatch) -> None:

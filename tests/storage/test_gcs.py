@@ -22,10 +22,8 @@ from strata.storage import (  # noqa: E402
     NotFound,
     PermissionDenied,
     PreconditionFailed,
-    RetryingStorage,
     StorageError,
     Transient,
-    Unreachable,
     open_storage,
 )
 from strata.storage import gcs  # noqa: E402
@@ -39,6 +37,13 @@ class TestGCSStorage(StorageContract):
     @pytest.fixture
     def storage(self, gcs_url: str) -> GCSStorage:
         return open_storage(gcs_url, retry=False)
+
+    @pytest.fixture
+    def flaky(self, gcs_server, gcs_url, monkeypatch):
+        """The same location through a proxy that answers 503: through the SDK, on HTTP."""
+        with FlakyProxy(gcs_server.endpoint) as proxy:
+            apply_gcs_env(monkeypatch, {"STORAGE_EMULATOR_HOST": proxy.endpoint})
+            yield open_storage(gcs_url, retry=False), proxy
 
 
 def test_client_is_anonymous_on_the_emulator_with_a_wide_pool(gcs_url) -> None:
@@ -163,23 +168,6 @@ def test_malformed_urls_are_invalid(url) -> None:
     with pytest.raises(InvalidURL) as info:
         open_storage(url)
     assert "gs://bucket/prefix" in str(info.value)  # the message shows the expected form
-
-
-def test_injected_503s_are_retried_through_the_sdk(gcs_server, gcs_url, monkeypatch) -> None:
-    bucket = gcs_url.split("/")[2]
-    with FlakyProxy(gcs_server.endpoint, failures=2) as proxy:
-        apply_gcs_env(monkeypatch, {"STORAGE_EMULATOR_HOST": proxy.endpoint})
-        raw = open_storage(f"gs://{bucket}/flaky", retry=False)
-        with pytest.raises(Transient, match="503"):
-            raw.write("k", b"data")
-        proxy.failures = 3
-        storage = RetryingStorage(raw, attempts=5, base_delay=0.001, max_delay=0.01)
-        storage.write("k", b"data", if_absent=True)
-        proxy.failures = 2
-        assert storage.read("k") == b"data"
-        proxy.failures = 100
-        with pytest.raises(Unreachable, match="3 attempts"):
-            RetryingStorage(raw, attempts=3, base_delay=0.001).stat("k")
 
 
 def test_unreachable_emulator_is_transient(monkeypatch) -> None:

@@ -55,6 +55,13 @@ class TestS3Storage(StorageContract):
         monkeypatch.setenv("AWS_ENDPOINT_URL", serial_moto.endpoint)
         return open_storage(s3_url, retry=False)
 
+    @pytest.fixture
+    def flaky(self, s3_server, s3_url, monkeypatch):
+        """The same location through a proxy that answers 503: through boto3, on HTTP."""
+        with FlakyProxy(s3_server.endpoint_url) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+            yield open_storage(s3_url, retry=False), proxy
+
 
 def test_storage_is_configured_from_the_environment(s3_url, s3_server, monkeypatch) -> None:
     monkeypatch.delenv("AWS_DEFAULT_REGION")
