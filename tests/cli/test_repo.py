@@ -159,6 +159,7 @@ def test_a_file_where_the_folder_should_be(tmp_path):
     ("s3://bucket/a/../../x", "unsafe prefix"),
     ("file://host/x", "absolute path"),
     ("ftp://host/x", "unknown scheme 'ftp'"),
+    ("s3://[::1/x", "cannot be parsed"),
     ("http://example.com/x", "read-only links"),
 ])
 @pytest.mark.parametrize("command", ["init", "info"])
