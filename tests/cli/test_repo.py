@@ -7,6 +7,9 @@ the URL and says what to do, exit 1, and changes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -167,6 +170,55 @@ def test_malformed_and_unknown_urls(command, url, why):
     line = assert_error(strata("repo", command, url), contains=url)
     assert why in line
     assert "expected a plain path, file:///abs/path, s3://bucket/prefix" in line
+
+
+# ---- an installation without the cloud SDKs ---------------------------------------------
+# Run in a fresh interpreter whose imports of the cloud SDKs fail, as after a plain
+# `pip install strata`: a local repository works, and a cloud URL is one line naming the
+# extra to install.
+_WITHOUT_SDKS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('boto3', 'botocore', 'google', 'azure'):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from strata.cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    loaded = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'google',
+                                                            'azure')]
+    assert not loaded, loaded
+"""
+
+
+def strata_without_sdks(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_SDKS, *map(str, args)],
+                          capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+                          check=False)
+
+
+def test_a_local_repository_needs_no_cloud_sdk(tmp_path):
+    url = tmp_path / "repo"
+    for args in (("repo", "init", url), ("repo", "info", url), ("--repo", url, "search")):
+        result = strata_without_sdks(*args)
+        assert result.returncode == 0, (args, result.stderr)
+
+
+@pytest.mark.parametrize("url, line", [
+    ("s3://bucket/repo", "s3:// storage needs boto3: pip install 'strata[s3]'"),
+    ("gs://bucket/repo", "gs:// storage needs google-cloud-storage: pip install 'strata[gcs]'"),
+    (f"azure://{AZURE_HOST}/container/repo",
+     "azure:// storage needs azure-storage-blob: pip install 'strata[azure]'"),
+])
+@pytest.mark.parametrize("args", [("repo", "info"), ("repo", "init"), ("search",)],
+                         ids=["info", "init", "search"])
+def test_a_missing_sdk_names_the_extra(url, line, args):
+    argv = ["--repo", url, *args] if args == ("search",) else [*args, url]
+    result = strata_without_sdks(*argv)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"strata: error: {line}"]
 
 
 # ---- buckets and containers that do not exist -------------------------------------------
