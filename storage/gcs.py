@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
+    MissingBucket,
     MissingDependency,
     NotFound,
     PermissionDenied,
@@ -279,9 +280,9 @@ class GCSStorage:
             raise error from exc
         self._bucket_seen = True
 
-    def _no_bucket(self, url: str) -> NotFound:
-        return NotFound(url, f"bucket {self.bucket!r} does not exist (create it first, or "
-                             "fix the bucket name in the URL)")
+    def _no_bucket(self, url: str) -> MissingBucket:
+        return MissingBucket(url, f"bucket {self.bucket!r} does not exist (create it first, "
+                                  "or fix the bucket name in the URL)")
 
 
 def _info(key: str, blob: Any) -> ObjectInfo:

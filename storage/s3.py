@@ -18,9 +18,9 @@ one PutObject: they are small catalog records, and `If-Match` on PutObject is th
 S3-compatible stores (and moto) honour, while `If-Match` on CompleteMultipartUpload is not.
 
 One client per AWS environment, shared by all backends and threads (boto3 clients are
-thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns retrying, so the
-bound on attempts and time is ours. `_translate` is the one table from botocore errors to
-strata's.
+thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns
+retrying, so the bound on attempts and time is ours. `_translate` is the one table from
+botocore errors to strata's.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Iterator
 
 from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
+    MissingBucket,
     MissingDependency,
     NotFound,
     PermissionDenied,
@@ -270,7 +271,7 @@ class S3Storage:
             error = _translate(exc, url, self.bucket)
             if error is None:
                 raise  # not an SDK failure: a bug, keep its traceback
-            if compare_and_swap and type(error) is NotFound and _code(exc) != "NoSuchBucket":
+            if compare_and_swap and type(error) is NotFound:
                 # If-Match on a deleted key: the object the caller read is gone.
                 error = PreconditionFailed(url, "object no longer exists")
             raise error from exc
@@ -283,8 +284,8 @@ def _translate(exc: BaseException, url: str, bucket: str) -> StorageError | None
     if isinstance(exc, bx.ClientError):
         code, status = _code(exc), _status(exc)
         if code == "NoSuchBucket":
-            return NotFound(url, f"bucket {bucket!r} does not exist (create it first, or fix "
-                                  "the bucket name in the URL)")
+            return MissingBucket(url, f"bucket {bucket!r} does not exist (create it first, or "
+                                      "fix the bucket name in the URL)")
         if code in _CODES or str(status) in _CODES:
             cls, message = _CODES[code] if code in _CODES else _CODES[str(status)]
             return cls(url, message if code in _CODES else f"{message} ({code})")

@@ -223,13 +223,17 @@ def test_a_missing_sdk_names_the_extra(url, line, args):
 
 # ---- buckets and containers that do not exist -------------------------------------------
 @pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
-@pytest.mark.parametrize("command", ["init", "info"])
-def test_missing_bucket_or_container(request, monkeypatch, kind, command):
+@pytest.mark.parametrize("command", ["init", "info", "search", "get"])
+def test_missing_bucket_or_container(request, monkeypatch, tmp_path, kind, command):
     request.getfixturevalue(_URL_FIXTURES[kind])   # the emulator and its environment
     url = {"s3": "s3://no-such-bucket-strata/repo", "gcs": "gs://no-such-bucket-strata/repo",
            "azure": f"azure://{AZURE_HOST}/no-such-container/repo"}[kind]
-    line = assert_error(strata("repo", command, url), contains=url)
+    args = {"search": ["--repo", url, "search"],   # any command that opens the repository
+            "get": ["--repo", url, "get", "--id", "0" * 32, "--copy", tmp_path / "out"]
+            }.get(command, ["repo", command, url])
+    line = assert_error(strata(*args), contains=url)
     assert "does not exist" in line and "create it first" in line
+    assert "not a strata repository" not in line
 
 
 # ---- wrong or missing credentials -------------------------------------------------------

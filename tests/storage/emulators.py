@@ -16,7 +16,8 @@ of the current azure-storage-blob, `--loose` ignores headers it does not know.
 `FlakyProxy` sits between an SDK and an emulator and answers 503 to the next N requests,
 so the whole chain (SDK error -> translation table -> RetryingStorage) is tested on real
 HTTP. With `serial=True` it forwards one request at a time, for an emulator whose
-conditional writes are not atomic under concurrent requests (moto). Fixtures here are registered in tests/conftest.py through `pytest_plugins`.
+conditional writes are not atomic under concurrent requests (moto). Fixtures here are
+registered in tests/conftest.py through `pytest_plugins`.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from strata.storage import (  # noqa: E402
     open_storage,
 )
 from strata.storage import azure as azure_backend  # noqa: E402
+from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.azure import (  # noqa: E402
     AzureStorage,
     Credentials,
@@ -127,10 +128,11 @@ def test_large_writes_are_block_uploads_and_keep_their_conditions(azure_url) -> 
     lambda s: s.delete("k"),
 ], ids=["read", "read_range", "stat", "write", "write_if_absent", "write_if_match", "list",
         "delete"])
-def test_missing_container_is_not_found_naming_it(azure_url, call) -> None:
+def test_missing_container_its_own_error_naming_it(azure_url, call) -> None:
     storage = open_storage(f"azure://{AZURE_HOST}/no-such-container/prefix", retry=False)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(MissingBucket) as info:
         call(storage)
+    assert not isinstance(info.value, NotFound)   # not "no such object": no location
     assert "container 'no-such-container' does not exist" in str(info.value)
     assert f"azure://{AZURE_HOST}/no-such-container/prefix" in str(info.value)
 
@@ -288,7 +290,7 @@ CREDENTIALS = Credentials("AZURE_STORAGE_CONNECTION_STRING", connection_string="
 
 @pytest.mark.parametrize("exc, kind", [
     (_http_error(ax.ResourceNotFoundError, 404, "BlobNotFound"), NotFound),
-    (_http_error(ax.ResourceNotFoundError, 404, "ContainerNotFound"), NotFound),
+    (_http_error(ax.ResourceNotFoundError, 404, "ContainerNotFound"), MissingBucket),
     (_http_error(ax.ResourceExistsError, 409, "BlobAlreadyExists"), PreconditionFailed),
     (_http_error(ax.ResourceModifiedError, 412, "ConditionNotMet"), PreconditionFailed),
     (_http_error(ax.HttpResponseError, 412, None), PreconditionFailed),

@@ -27,6 +27,7 @@ from strata.storage import (  # noqa: E402
     open_storage,
 )
 from strata.storage import gcs  # noqa: E402
+from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.gcs import GCSStorage, _translate  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.storage.contract import StorageContract  # noqa: E402
@@ -143,10 +144,11 @@ def test_large_write_is_a_resumable_upload_carrying_the_condition(gcs_url, monke
     lambda s: s.write("k", b"x"), lambda s: s.write("k", b"x", if_absent=True),
     lambda s: list(s.list("")), lambda s: s.delete("k"),
 ], ids=["read", "read_range", "stat", "write", "write_if_absent", "list", "delete"])
-def test_missing_bucket_is_not_found_naming_it(gcs_url, call) -> None:
+def test_missing_bucket_its_own_error_naming_it(gcs_url, call) -> None:
     storage = open_storage("gs://no-such-bucket-strata/prefix", retry=False)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(MissingBucket) as info:
         call(storage)
+    assert not isinstance(info.value, NotFound)   # not "no such object": no location
     assert "bucket 'no-such-bucket-strata' does not exist" in str(info.value)
     assert "gs://no-such-bucket-strata/prefix" in str(info.value)
 

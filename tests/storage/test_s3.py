@@ -33,6 +33,7 @@ from strata.storage import (  # noqa: E402
     open_storage,
 )
 from strata.storage import s3  # noqa: E402
+from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.s3 import S3Storage, _translate, make_client  # noqa: E402
 from tests.conftest import MotoServer, apply_s3_env, free_port  # noqa: E402
 from tests.storage.contract import StorageContract  # noqa: E402
@@ -184,10 +185,11 @@ def test_a_failed_part_aborts_the_upload(s3_server, s3_url, small_parts) -> None
     lambda s: s.read("k"), lambda s: s.write("k", b"x"), lambda s: list(s.list("")),
     lambda s: s.write("k", b"x", if_absent=True), lambda s: s.delete("k"),
 ], ids=["read", "write", "list", "write_if_absent", "delete"])
-def test_missing_bucket_is_not_found_naming_it(s3_url, call) -> None:
+def test_missing_bucket_its_own_error_naming_it(s3_url, call) -> None:
     storage = open_storage("s3://no-such-bucket-strata/prefix", retry=False)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(MissingBucket) as info:
         call(storage)
+    assert not isinstance(info.value, NotFound)   # not "no such object": no location
     assert "no-such-bucket-strata" in str(info.value)
     assert "does not exist" in str(info.value)
 
