@@ -36,6 +36,7 @@ from typing import Any, Iterator
 
 from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
+    MissingBucket,
     MissingDependency,
     NotFound,
     PermissionDenied,
@@ -388,7 +389,7 @@ def _translate(exc: BaseException, url: str, container: str,
         code = _code(exc)
         if code == "ContainerNotFound" or (
                 credentials.anonymous and status == 404 and code != "BlobNotFound"):
-            return NotFound(url, _no_container(container, credentials))
+            return MissingBucket(url, _no_container(container, credentials))
         if code in _CODES:
             cls, message = _CODES[code]
         elif status in _STATUSES:

@@ -26,6 +26,12 @@ class NotFound(StorageError):
         super().__init__(url, message)
 
 
+class MissingBucket(StorageError):
+    """The bucket or container of a repository URL does not exist. Not a `NotFound`: the
+    whole location is missing, not one object, and code that reads an absent key as "not
+    there yet" (no repository, no such version) must not say that about a missing bucket."""
+
+
 class PreconditionFailed(StorageError):
     """A conditional write lost: the object exists (only-if-absent) or changed (only-if-etag)."""
 

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 
 from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
+    MissingBucket,
     MissingDependency,
     NotFound,
     PermissionDenied,
@@ -116,6 +117,12 @@ def _new_client(sdk: SimpleNamespace) -> tuple[Any, bool]:
             if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
                 raise  # a key file was named but is unusable: say so, don't go anonymous
             client, anonymous = sdk.storage.Client.create_anonymous_client(), True
+    # Recent google-cloud-storage (3.17 here) fetches each bucket's metadata on a background
+    # thread the first time a client touches it, for tracing attributes strata does not
+    # use: one more request (needing storage.buckets.get), retried by the SDK's own policy
+    # outside strata's bounds. The SDK skips it when this cache is falsy.
+    if getattr(client, "_bucket_metadata_cache", None) is not None:
+        client._bucket_metadata_cache = None
     session = client._http  # the SDK's requests session; its pool holds 10 by default
     if not getattr(session, "is_mtls", False):  # an mTLS session keeps its own adapter
         adapter = sdk.requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
@@ -273,9 +280,9 @@ class GCSStorage:
             raise error from exc
         self._bucket_seen = True
 
-    def _no_bucket(self, url: str) -> NotFound:
-        return NotFound(url, f"bucket {self.bucket!r} does not exist (create it first, or "
-                             "fix the bucket name in the URL)")
+    def _no_bucket(self, url: str) -> MissingBucket:
+        return MissingBucket(url, f"bucket {self.bucket!r} does not exist (create it first, "
+                                  "or fix the bucket name in the URL)")
 
 
 def _info(key: str, blob: Any) -> ObjectInfo:

@@ -10,19 +10,28 @@ works with no strata-specific setting.
 Conditional writes are S3's own: `If-None-Match: *` for only-if-absent and `If-Match: <etag>`
 for compare-and-swap. Etags are returned without their quotes.
 
+Writes above `MULTIPART_THRESHOLD` (packs, mostly) go as a multipart upload: `PART_SIZE`
+parts, `UPLOAD_CONCURRENCY` in flight per write, and the only-if-absent condition sent with
+CompleteMultipartUpload, so a lost race leaves no object behind; an upload that fails or
+loses is aborted, so no parts are left to be billed. Compare-and-swap writes always go as
+one PutObject: they are small catalog records, and `If-Match` on PutObject is the form that
+S3-compatible stores (and moto) honour, while `If-Match` on CompleteMultipartUpload is not.
+
 One client per AWS environment, shared by all backends and threads (boto3 clients are
-thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns retrying, so the
-bound on attempts and time is ours. `_translate` is the one table from botocore errors to
-strata's.
+thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns
+retrying, so the bound on attempts and time is ours. `_translate` is the one table from
+botocore errors to strata's.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
+    MissingBucket,
     MissingDependency,
     NotFound,
     PermissionDenied,
@@ -39,6 +48,9 @@ POOL_SIZE = 64  # above the widest download/readahead pool, so threads never wai
 CONNECT_TIMEOUT = 10.0
 READ_TIMEOUT = 60.0  # per socket read, not per object: a stalled server fails within this
 # Both are cut down to the retry budget by retry.attempt_timeout (STRATA_RETRY_SECONDS).
+MULTIPART_THRESHOLD = 8 << 20  # larger writes go as multipart uploads (a chunk is one PUT)
+PART_SIZE = 8 << 20  # bytes per part; S3 needs at least 5 MiB for every part but the last
+UPLOAD_CONCURRENCY = 4  # parts in flight per write; the catalog runs several writes at once
 
 _clients = ClientCache()   # one client per distinct AWS environment
 
@@ -162,6 +174,8 @@ class S3Storage:
         check_write_args(if_absent, if_match)
         if not isinstance(data, bytes):
             data = bytes(data)  # the SDK takes bytes, not bytearray/memoryview
+        if len(data) > MULTIPART_THRESHOLD and if_match is None:
+            return self._write_multipart(key, data, if_absent=if_absent)
         conditions: dict[str, str] = {}
         if if_absent:
             conditions["IfNoneMatch"] = "*"
@@ -191,6 +205,52 @@ class S3Storage:
     def _full(self, key: str) -> str:
         return self._key_prefix + check_key(key, self.url)
 
+    def _write_multipart(self, key: str, data: bytes, *, if_absent: bool) -> str:
+        """`data` as a multipart upload of `PART_SIZE` parts, `UPLOAD_CONCURRENCY` at a time;
+        the condition is checked by S3 when the upload is completed."""
+        url, full = self.url_for(key), self._full(key)
+        with self._translated(url):
+            upload_id = self._client.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ContentType="application/octet-stream")["UploadId"]
+
+        def put_part(number: int) -> dict[str, Any]:
+            start = (number - 1) * PART_SIZE
+            with self._translated(url):
+                response = self._client.upload_part(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id, PartNumber=number,
+                    Body=data[start:start + PART_SIZE])
+            return {"PartNumber": number, "ETag": response["ETag"]}
+
+        count = -(-len(data) // PART_SIZE)
+        try:
+            with ThreadPoolExecutor(min(UPLOAD_CONCURRENCY, count),
+                                    thread_name_prefix="strata-s3-part") as pool:
+                futures = [pool.submit(put_part, n) for n in range(1, count + 1)]
+                try:
+                    parts = [future.result() for future in futures]
+                except BaseException:
+                    for future in futures:  # stop at the first failed part
+                        future.cancel()
+                    raise
+            conditions = {"IfNoneMatch": "*"} if if_absent else {}
+            with self._translated(url):
+                response = self._client.complete_multipart_upload(
+                    Bucket=self.bucket, Key=full, UploadId=upload_id,
+                    MultipartUpload={"Parts": parts}, **conditions)
+        except BaseException:
+            self._abort(full, upload_id)
+            raise
+        return _unquote(response["ETag"])
+
+    def _abort(self, full_key: str, upload_id: str) -> None:
+        """Drop an unfinished multipart upload; best effort (a bucket lifecycle rule for
+        incomplete uploads is the backstop), and never hiding the error that caused it."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key,
+                                                UploadId=upload_id)
+        except Exception:  # noqa: BLE001 - the original failure is what the caller needs
+            pass
+
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         paginator = self._client.get_paginator("list_objects_v2")
         skip = len(self._key_prefix)
@@ -211,7 +271,7 @@ class S3Storage:
             error = _translate(exc, url, self.bucket)
             if error is None:
                 raise  # not an SDK failure: a bug, keep its traceback
-            if compare_and_swap and type(error) is NotFound and _code(exc) != "NoSuchBucket":
+            if compare_and_swap and type(error) is NotFound:
                 # If-Match on a deleted key: the object the caller read is gone.
                 error = PreconditionFailed(url, "object no longer exists")
             raise error from exc
@@ -224,8 +284,8 @@ def _translate(exc: BaseException, url: str, bucket: str) -> StorageError | None
     if isinstance(exc, bx.ClientError):
         code, status = _code(exc), _status(exc)
         if code == "NoSuchBucket":
-            return NotFound(url, f"bucket {bucket!r} does not exist (create it first, or fix "
-                                  "the bucket name in the URL)")
+            return MissingBucket(url, f"bucket {bucket!r} does not exist (create it first, or "
+                                      "fix the bucket name in the URL)")
         if code in _CODES or str(status) in _CODES:
             cls, message = _CODES[code] if code in _CODES else _CODES[str(status)]
             return cls(url, message if code in _CODES else f"{message} ({code})")
@@ -274,5 +334,5 @@ def _import_boto3() -> tuple[Any, Any]:
         from botocore.config import Config
     except ImportError:
         raise MissingDependency(
-            "S3 storage needs boto3: pip install 'strata[s3]'") from None
+            "s3:// storage needs boto3: pip install 'strata[s3]'") from None
     return boto3, Config

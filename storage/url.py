@@ -158,7 +158,10 @@ def _parse(url: str | os.PathLike[str]) -> StorageURL:
         # A plain path: the user's own folder, so '..' and '~' are resolved, not refused.
         return StorageURL("file", path=os.path.abspath(os.path.expanduser(url)))
     scheme = match.group(1).lower()
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. an unbalanced '[' ("Invalid IPv6 URL")
+        raise _invalid(url, f"cannot be parsed ({exc})") from None
     if parts.fragment or (parts.query and scheme not in _LINK_SCHEMES):
         raise _invalid(url, "unexpected '?' or '#'")
     if scheme == "file":

@@ -7,6 +7,9 @@ the URL and says what to do, exit 1, and changes nothing."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -159,6 +162,7 @@ def test_a_file_where_the_folder_should_be(tmp_path):
     ("s3://bucket/a/../../x", "unsafe prefix"),
     ("file://host/x", "absolute path"),
     ("ftp://host/x", "unknown scheme 'ftp'"),
+    ("s3://[::1/x", "cannot be parsed"),
     ("http://example.com/x", "read-only links"),
 ])
 @pytest.mark.parametrize("command", ["init", "info"])
@@ -168,15 +172,68 @@ def test_malformed_and_unknown_urls(command, url, why):
     assert "expected a plain path, file:///abs/path, s3://bucket/prefix" in line
 
 
+# ---- an installation without the cloud SDKs ---------------------------------------------
+# Run in a fresh interpreter whose imports of the cloud SDKs fail, as after a plain
+# `pip install strata`: a local repository works, and a cloud URL is one line naming the
+# extra to install.
+_WITHOUT_SDKS = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('boto3', 'botocore', 'google', 'azure'):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, Block())
+from strata.cli.main import main
+try:
+    main(sys.argv[1:])
+finally:
+    loaded = [m for m in sys.modules if m.split('.')[0] in ('boto3', 'botocore', 'google',
+                                                            'azure')]
+    assert not loaded, loaded
+"""
+
+
+def strata_without_sdks(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", _WITHOUT_SDKS, *map(str, args)],
+                          capture_output=True, text=True, timeout=60, env=os.environ.copy(),
+                          check=False)
+
+
+def test_a_local_repository_needs_no_cloud_sdk(tmp_path):
+    url = tmp_path / "repo"
+    for args in (("repo", "init", url), ("repo", "info", url), ("--repo", url, "search")):
+        result = strata_without_sdks(*args)
+        assert result.returncode == 0, (args, result.stderr)
+
+
+@pytest.mark.parametrize("url, line", [
+    ("s3://bucket/repo", "s3:// storage needs boto3: pip install 'strata[s3]'"),
+    ("gs://bucket/repo", "gs:// storage needs google-cloud-storage: pip install 'strata[gcs]'"),
+    (f"azure://{AZURE_HOST}/container/repo",
+     "azure:// storage needs azure-storage-blob: pip install 'strata[azure]'"),
+])
+@pytest.mark.parametrize("args", [("repo", "info"), ("repo", "init"), ("search",)],
+                         ids=["info", "init", "search"])
+def test_a_missing_sdk_names_the_extra(url, line, args):
+    argv = ["--repo", url, *args] if args == ("search",) else [*args, url]
+    result = strata_without_sdks(*argv)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [f"strata: error: {line}"]
+
+
 # ---- buckets and containers that do not exist -------------------------------------------
 @pytest.mark.parametrize("kind", ["s3", "gcs", "azure"])
-@pytest.mark.parametrize("command", ["init", "info"])
-def test_missing_bucket_or_container(request, monkeypatch, kind, command):
+@pytest.mark.parametrize("command", ["init", "info", "search", "get"])
+def test_missing_bucket_or_container(request, monkeypatch, tmp_path, kind, command):
     request.getfixturevalue(_URL_FIXTURES[kind])   # the emulator and its environment
     url = {"s3": "s3://no-such-bucket-strata/repo", "gcs": "gs://no-such-bucket-strata/repo",
            "azure": f"azure://{AZURE_HOST}/no-such-container/repo"}[kind]
-    line = assert_error(strata("repo", command, url), contains=url)
+    args = {"search": ["--repo", url, "search"],   # any command that opens the repository
+            "get": ["--repo", url, "get", "--id", "0" * 32, "--copy", tmp_path / "out"]
+            }.get(command, ["repo", command, url])
+    line = assert_error(strata(*args), contains=url)
     assert "does not exist" in line and "create it first" in line
+    assert "not a strata repository" not in line
 
 
 # ---- wrong or missing credentials -------------------------------------------------------

@@ -15,11 +15,14 @@ of the current azure-storage-blob, `--loose` ignores headers it does not know.
 
 `FlakyProxy` sits between an SDK and an emulator and answers 503 to the next N requests,
 so the whole chain (SDK error -> translation table -> RetryingStorage) is tested on real
-HTTP. Fixtures here are registered in tests/conftest.py through `pytest_plugins`.
+HTTP. With `serial=True` it forwards one request at a time, for an emulator whose
+conditional writes are not atomic under concurrent requests (moto). Fixtures here are
+registered in tests/conftest.py through `pytest_plugins`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import importlib.util
 import itertools
@@ -298,15 +301,19 @@ class _QuietServer(ThreadingHTTPServer):
 class FlakyProxy:
     """An HTTP proxy to `target` that answers the next `failures` requests with 503.
 
-    Requests are forwarded one at a time over a fresh connection each, which is all the
-    retry tests need. `requests` counts every request received, failed or forwarded.
+    Each request is forwarded over a fresh connection, which is all the retry tests need.
+    `requests` counts every request received, failed or forwarded. With `serial`, only one
+    request at a time reaches the target while clients still send concurrently.
     """
 
-    def __init__(self, target: str, failures: int = 0):
+    def __init__(self, target: str, failures: int = 0, *, serial: bool = False):
         self.target = target.removeprefix("http://")
         self.failures = failures
         self.requests = 0
         self._lock = threading.Lock()
+        self._upstream = threading.Lock() if serial else contextlib.nullcontext()
+        self._connection = http.client.HTTPConnection(self.target, timeout=30) \
+            if serial else None
         self.server = _QuietServer(("127.0.0.1", 0), self._handler())
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -318,6 +325,8 @@ class FlakyProxy:
     def __exit__(self, *exc_info: object) -> None:
         self.server.shutdown()
         self.server.server_close()
+        if self._connection is not None:
+            self._connection.close()
 
     def _should_fail(self) -> bool:
         with self._lock:
@@ -344,29 +353,41 @@ class FlakyProxy:
                     self.send_response(503, "Service Unavailable")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
-                    self.wfile.write(payload)
+                    if self.command != "HEAD":   # a body after HEAD would be read as the
+                        self.wfile.write(payload)  # next response on the connection
                     return
-                upstream = http.client.HTTPConnection(proxy.target, timeout=30)
+                with proxy._upstream:   # released before the client is answered
+                    status, reason, headers, data = self._forward(body)
+                head = self.command == "HEAD"  # its Content-Length is the object's
+                self.send_response(status, reason)
+                for name, value in headers:
+                    if name.lower() not in ("transfer-encoding", "connection") and \
+                            (head or name.lower() != "content-length"):
+                        self.send_header(name, value)
+                if not head:
+                    self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+
+            def _forward(self, body: bytes) -> tuple[int, str, list, bytes]:
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "connection")}
+                headers["Host"] = proxy.target
+                # serial: one kept-alive connection, as only one request is in flight
+                upstream = proxy._connection or http.client.HTTPConnection(proxy.target,
+                                                                           timeout=30)
                 try:
-                    headers = {k: v for k, v in self.headers.items()
-                               if k.lower() not in ("host", "connection")}
-                    headers["Host"] = proxy.target
                     upstream.request(self.command, self.path, body=body, headers=headers)
                     response = upstream.getresponse()
-                    data = response.read()
-                    head = self.command == "HEAD"  # its Content-Length is the object's
-                    self.send_response(response.status, response.reason)
-                    for name, value in response.getheaders():
-                        if name.lower() not in ("transfer-encoding", "connection") and \
-                                (head or name.lower() != "content-length"):
-                            self.send_header(name, value)
-                    if not head:
-                        self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    if not head:
-                        self.wfile.write(data)
-                finally:
+                    result = (response.status, response.reason, response.getheaders(),
+                              response.read())
+                except BaseException:
                     upstream.close()
+                    raise
+                if proxy._connection is None:
+                    upstream.close()
+                return result
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = do_PATCH = _relay
 

@@ -19,14 +19,13 @@ from strata.storage import (  # noqa: E402
     NotFound,
     PermissionDenied,
     PreconditionFailed,
-    RetryingStorage,
     StorageError,
     StrataError,
     Transient,
-    Unreachable,
     open_storage,
 )
 from strata.storage import azure as azure_backend  # noqa: E402
+from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.azure import (  # noqa: E402
     AzureStorage,
     Credentials,
@@ -52,6 +51,14 @@ class TestAzureStorage(StorageContract):
     @pytest.fixture
     def storage(self, azure_url: str) -> AzureStorage:
         return open_storage(azure_url, retry=False)
+
+    @pytest.fixture
+    def flaky(self, azurite, azure_url, monkeypatch):
+        """The same location through a proxy that answers 503: through the SDK, on HTTP."""
+        with FlakyProxy(azurite.endpoint) as proxy:
+            monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
+                               azurite_connection_string(proxy.endpoint))
+            yield open_storage(azure_url, retry=False), proxy
 
 
 def test_connection_string_to_a_local_endpoint_works_unchanged(azurite, azure_url) -> None:
@@ -121,10 +128,11 @@ def test_large_writes_are_block_uploads_and_keep_their_conditions(azure_url) -> 
     lambda s: s.delete("k"),
 ], ids=["read", "read_range", "stat", "write", "write_if_absent", "write_if_match", "list",
         "delete"])
-def test_missing_container_is_not_found_naming_it(azure_url, call) -> None:
+def test_missing_container_its_own_error_naming_it(azure_url, call) -> None:
     storage = open_storage(f"azure://{AZURE_HOST}/no-such-container/prefix", retry=False)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(MissingBucket) as info:
         call(storage)
+    assert not isinstance(info.value, NotFound)   # not "no such object": no location
     assert "container 'no-such-container' does not exist" in str(info.value)
     assert f"azure://{AZURE_HOST}/no-such-container/prefix" in str(info.value)
 
@@ -241,25 +249,6 @@ def test_malformed_urls_are_invalid(url) -> None:
     assert "azure://<account>.blob.core.windows.net/<container>" in str(info.value)
 
 
-def test_injected_503s_are_retried_through_the_sdk(azurite, azure_url, monkeypatch) -> None:
-    container = azure_url.split("/")[3]
-    with FlakyProxy(azurite.endpoint, failures=2) as proxy:
-        monkeypatch.setenv("AZURE_STORAGE_CONNECTION_STRING",
-                           azurite_connection_string(proxy.endpoint))
-        raw = open_storage(f"azure://{AZURE_HOST}/{container}/flaky", retry=False)
-        with pytest.raises(Transient, match="503"):
-            raw.write("k", b"data")
-        proxy.failures = 3
-        storage = RetryingStorage(raw, attempts=5, base_delay=0.001, max_delay=0.01)
-        storage.write("k", b"data", if_absent=True)
-        proxy.failures = 2
-        assert storage.read("k") == b"data"
-        assert storage.stat("k").size == 4  # HEAD through the proxy
-        proxy.failures = 100
-        with pytest.raises(Unreachable, match="3 attempts"):
-            RetryingStorage(raw, attempts=3, base_delay=0.001).stat("k")
-
-
 def test_unreachable_endpoint_is_transient(monkeypatch) -> None:
     apply_azure_env(monkeypatch, {"AZURE_STORAGE_CONNECTION_STRING":
                                   azurite_connection_string(f"http://127.0.0.1:{free_port()}")})
@@ -301,7 +290,7 @@ CREDENTIALS = Credentials("AZURE_STORAGE_CONNECTION_STRING", connection_string="
 
 @pytest.mark.parametrize("exc, kind", [
     (_http_error(ax.ResourceNotFoundError, 404, "BlobNotFound"), NotFound),
-    (_http_error(ax.ResourceNotFoundError, 404, "ContainerNotFound"), NotFound),
+    (_http_error(ax.ResourceNotFoundError, 404, "ContainerNotFound"), MissingBucket),
     (_http_error(ax.ResourceExistsError, 409, "BlobAlreadyExists"), PreconditionFailed),
     (_http_error(ax.ResourceModifiedError, 412, "ConditionNotMet"), PreconditionFailed),
     (_http_error(ax.HttpResponseError, 412, None), PreconditionFailed),

@@ -22,13 +22,12 @@ from strata.storage import (  # noqa: E402
     NotFound,
     PermissionDenied,
     PreconditionFailed,
-    RetryingStorage,
     StorageError,
     Transient,
-    Unreachable,
     open_storage,
 )
 from strata.storage import gcs  # noqa: E402
+from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.gcs import GCSStorage, _translate  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.storage.contract import StorageContract  # noqa: E402
@@ -40,6 +39,13 @@ class TestGCSStorage(StorageContract):
     def storage(self, gcs_url: str) -> GCSStorage:
         return open_storage(gcs_url, retry=False)
 
+    @pytest.fixture
+    def flaky(self, gcs_server, gcs_url, monkeypatch):
+        """The same location through a proxy that answers 503: through the SDK, on HTTP."""
+        with FlakyProxy(gcs_server.endpoint) as proxy:
+            apply_gcs_env(monkeypatch, {"STORAGE_EMULATOR_HOST": proxy.endpoint})
+            yield open_storage(gcs_url, retry=False), proxy
+
 
 def test_client_is_anonymous_on_the_emulator_with_a_wide_pool(gcs_url) -> None:
     storage = open_storage(gcs_url, retry=False)
@@ -47,6 +53,8 @@ def test_client_is_anonymous_on_the_emulator_with_a_wide_pool(gcs_url) -> None:
     assert client.project == "test"
     assert type(client._credentials).__name__ == "AnonymousCredentials"
     assert client._http.get_adapter("http://x").poolmanager.connection_pool_kw["maxsize"] >= 32
+    # no background bucket-metadata fetch, which the SDK would retry on its own
+    assert not getattr(client, "_bucket_metadata_cache", None)
     assert storage is not open_storage(gcs_url, retry=False)
     assert client is open_storage(gcs_url, retry=False)._client  # one client, shared
 
@@ -136,10 +144,11 @@ def test_large_write_is_a_resumable_upload_carrying_the_condition(gcs_url, monke
     lambda s: s.write("k", b"x"), lambda s: s.write("k", b"x", if_absent=True),
     lambda s: list(s.list("")), lambda s: s.delete("k"),
 ], ids=["read", "read_range", "stat", "write", "write_if_absent", "list", "delete"])
-def test_missing_bucket_is_not_found_naming_it(gcs_url, call) -> None:
+def test_missing_bucket_its_own_error_naming_it(gcs_url, call) -> None:
     storage = open_storage("gs://no-such-bucket-strata/prefix", retry=False)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(MissingBucket) as info:
         call(storage)
+    assert not isinstance(info.value, NotFound)   # not "no such object": no location
     assert "bucket 'no-such-bucket-strata' does not exist" in str(info.value)
     assert "gs://no-such-bucket-strata/prefix" in str(info.value)
 
@@ -161,23 +170,6 @@ def test_malformed_urls_are_invalid(url) -> None:
     with pytest.raises(InvalidURL) as info:
         open_storage(url)
     assert "gs://bucket/prefix" in str(info.value)  # the message shows the expected form
-
-
-def test_injected_503s_are_retried_through_the_sdk(gcs_server, gcs_url, monkeypatch) -> None:
-    bucket = gcs_url.split("/")[2]
-    with FlakyProxy(gcs_server.endpoint, failures=2) as proxy:
-        apply_gcs_env(monkeypatch, {"STORAGE_EMULATOR_HOST": proxy.endpoint})
-        raw = open_storage(f"gs://{bucket}/flaky", retry=False)
-        with pytest.raises(Transient, match="503"):
-            raw.write("k", b"data")
-        proxy.failures = 3
-        storage = RetryingStorage(raw, attempts=5, base_delay=0.001, max_delay=0.01)
-        storage.write("k", b"data", if_absent=True)
-        proxy.failures = 2
-        assert storage.read("k") == b"data"
-        proxy.failures = 100
-        with pytest.raises(Unreachable, match="3 attempts"):
-            RetryingStorage(raw, attempts=3, base_delay=0.001).stat("k")
 
 
 def test_unreachable_emulator_is_transient(monkeypatch) -> None:

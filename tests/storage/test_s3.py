@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
 import time
+from typing import Iterator
 
 import pytest
 
@@ -29,15 +32,36 @@ from strata.storage import (  # noqa: E402
     Unreachable,
     open_storage,
 )
+from strata.storage import s3  # noqa: E402
+from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.s3 import S3Storage, _translate, make_client  # noqa: E402
 from tests.conftest import MotoServer, apply_s3_env, free_port  # noqa: E402
 from tests.storage.contract import StorageContract  # noqa: E402
+from tests.storage.emulators import FlakyProxy  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def serial_moto(s3_server) -> Iterator[FlakyProxy]:
+    """moto behind a proxy that passes one request at a time. moto checks If-None-Match /
+    If-Match and then stores, in two steps on a threaded server, so two racing conditional
+    writes can both pass there, where S3 decides atomically; without this the racing tests
+    would test moto. The SDK still sends concurrently."""
+    with FlakyProxy(s3_server.endpoint_url, serial=True) as proxy:
+        yield proxy
 
 
 class TestS3Storage(StorageContract):
     @pytest.fixture
-    def storage(self, s3_url: str) -> S3Storage:
+    def storage(self, serial_moto, s3_url, monkeypatch) -> S3Storage:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", serial_moto.endpoint)
         return open_storage(s3_url, retry=False)
+
+    @pytest.fixture
+    def flaky(self, s3_server, s3_url, monkeypatch):
+        """The same location through a proxy that answers 503: through boto3, on HTTP."""
+        with FlakyProxy(s3_server.endpoint_url) as proxy:
+            monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+            yield open_storage(s3_url, retry=False), proxy
 
 
 def test_storage_is_configured_from_the_environment(s3_url, s3_server, monkeypatch) -> None:
@@ -65,14 +89,107 @@ def test_prefix_isolates_repositories(s3_server, s3_url) -> None:
     assert sorted(o["Key"] for o in objects) == ["one-two/k", "one/k"]
 
 
+MIB = 1 << 20
+
+
+@pytest.fixture
+def small_parts(monkeypatch) -> int:
+    """Multipart uploads with parts of 5 MiB, S3's (and moto's) minimum, so that a test
+    object of a few parts stays small. Returns the part size."""
+    monkeypatch.setattr(s3, "MULTIPART_THRESHOLD", 5 * MIB)
+    monkeypatch.setattr(s3, "PART_SIZE", 5 * MIB)
+    return 5 * MIB
+
+
+def _open_uploads(s3_server, s3_url: str) -> list:
+    bucket = s3_url.split("/")[2]
+    return s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+
+
+def test_large_write_is_a_multipart_upload_carrying_the_condition(
+        s3_server, s3_url, small_parts) -> None:
+    storage = open_storage(s3_url, retry=False)
+    data = os.urandom(6 * small_parts + 123)   # 7 parts, the last one short
+    client = storage._client
+    real_upload_part = client.upload_part
+    # The first UPLOAD_CONCURRENCY parts wait for each other: only parallel parts pass.
+    together = threading.Barrier(s3.UPLOAD_CONCURRENCY, timeout=30)
+    lock = threading.Lock()
+    in_flight = peak = calls = 0
+
+    def upload_part(**kwargs):
+        nonlocal in_flight, peak, calls
+        with lock:
+            in_flight += 1
+            calls += 1
+            peak = max(peak, in_flight)
+            first = calls <= s3.UPLOAD_CONCURRENCY
+        try:
+            if first:
+                together.wait()
+            return real_upload_part(**kwargs)
+        finally:
+            with lock:
+                in_flight -= 1
+
+    client.upload_part = upload_part   # an instance attribute: this client only
+    try:
+        etag = storage.write("big", data, if_absent=True)
+    finally:
+        del client.upload_part
+    assert calls == 7 and peak == s3.UPLOAD_CONCURRENCY
+    assert etag.endswith("-7")   # S3's etag of a 7-part upload
+    assert storage.stat("big").etag == etag and storage.read("big") == data
+    edge = small_parts
+    assert storage.read_range("big", edge - 3, 6) == data[edge - 3:edge + 3]
+    assert storage.read_range("big", len(data) - 5, 100) == data[-5:]
+
+    with pytest.raises(PreconditionFailed):   # If-None-Match on CompleteMultipartUpload
+        storage.write("big", data[::-1], if_absent=True)
+    assert storage.read("big") == data
+    assert _open_uploads(s3_server, s3_url) == []   # the losing upload was aborted
+
+    # compare-and-swap of a large object: one PutObject carrying If-Match
+    new = storage.write("big", data[::-1], if_match=etag)
+    with pytest.raises(PreconditionFailed):
+        storage.write("big", data, if_match=etag)
+    assert storage.read("big") == data[::-1] and storage.stat("big").etag == new
+
+
+def test_a_failed_part_aborts_the_upload(s3_server, s3_url, small_parts) -> None:
+    storage = open_storage(s3_url, retry=False)
+    client = storage._client
+    real_upload_part = client.upload_part
+
+    def upload_part(**kwargs):
+        if kwargs["PartNumber"] == 2:
+            raise EndpointConnectionError(endpoint_url="http://dropped")
+        return real_upload_part(**kwargs)
+
+    client.upload_part = upload_part
+    try:
+        with pytest.raises(Transient) as info:
+            storage.write("big", os.urandom(3 * small_parts), if_absent=True)
+    finally:
+        del client.upload_part
+    assert s3_url + "/big" in str(info.value)
+    assert _open_uploads(s3_server, s3_url) == []
+    with pytest.raises(NotFound):
+        storage.stat("big")
+    data = os.urandom(3 * small_parts)   # the retry of the whole write succeeds
+    assert RetryingStorage(storage).write("big", data, if_absent=True)
+    assert storage.read("big") == data
+
+
 @pytest.mark.parametrize("call", [
     lambda s: s.read("k"), lambda s: s.write("k", b"x"), lambda s: list(s.list("")),
     lambda s: s.write("k", b"x", if_absent=True), lambda s: s.delete("k"),
 ], ids=["read", "write", "list", "write_if_absent", "delete"])
-def test_missing_bucket_is_not_found_naming_it(s3_url, call) -> None:
+def test_missing_bucket_its_own_error_naming_it(s3_url, call) -> None:
     storage = open_storage("s3://no-such-bucket-strata/prefix", retry=False)
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(MissingBucket) as info:
         call(storage)
+    assert not isinstance(info.value, NotFound)   # not "no such object": no location
     assert "no-such-bucket-strata" in str(info.value)
     assert "does not exist" in str(info.value)
 

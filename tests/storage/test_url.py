@@ -65,7 +65,8 @@ def test_plain_paths(tmp_path, monkeypatch) -> None:
     "file://relative/path", "file:relative", "file:///a\x00b",
     "azure://blob.core.windows.net/c", "azure://acct.blob.core.windows.net/",
     "azure://acct.blob.core.windows.net/UPPER/x", "azure://a.blob.core.windows.net/c",
-    "https://example.com/repo", "s3://bucket/a//b",
+    "https://example.com/repo", "s3://bucket/a//b", "s3://[::1/x", "azure://[acct/c/x",
+    "https://[::1/x",
 ])
 def test_hostile_or_malformed_urls(text: str) -> None:
     with pytest.raises(InvalidURL) as info:
