@@ -60,15 +60,19 @@ def stamp_of(st: os.stat_result) -> str:
     return f"{st.st_ino:x}:{st.st_ctime_ns:x}:{st.st_size:x}"
 
 
-def hash_file(path: str, chunk_size: int, *, frozen: bool = False) -> FileHash:
+def hash_file(path: str, chunk_size: int, *, frozen: bool = False,
+              known: dict[int, bytes] | None = None) -> FileHash:
     """sha256 of the whole file and, for large files, of each chunk, in one read pass.
     `frozen`: the caller guarantees nothing writes the file any more (a frozen overlay
-    generation), so it gets a stamp however fresh it is."""
-    return _hash(path, chunk_size, frozen=frozen)[0]
+    generation), so it gets a stamp however fresh it is. `known`: digests of whole chunks
+    the caller knows (chunk index -> digest; a copied-up file's untouched chunks): used
+    instead of hashing those chunks, which are stored already."""
+    return _hash(path, chunk_size, frozen=frozen, known=known)[0]
 
 
 def _hash(path: str, chunk_size: int, on_chunk: Callable[[bytes, bytes], None] | None = None,
-          *, frozen: bool = False) -> tuple[FileHash, bytes | None]:
+          *, frozen: bool = False, known: dict[int, bytes] | None = None
+          ) -> tuple[FileHash, bytes | None]:
     """hash_file, also returning a small file's bytes; `on_chunk(digest, bytes)` sees each
     chunk of a large file as it is hashed."""
     whole = hashlib.sha256()
@@ -92,10 +96,13 @@ def _hash(path: str, chunk_size: int, on_chunk: Callable[[bytes, bytes], None] |
             if not chunk:
                 break
             whole.update(chunk)
-            digest = hashlib.sha256(chunk).digest()
+            digest = known.get(total // chunk_size) if known and len(chunk) == chunk_size \
+                else None
+            if digest is None:
+                digest = hashlib.sha256(chunk).digest()
+                if on_chunk is not None:
+                    on_chunk(digest, chunk)
             digests += digest
-            if on_chunk is not None:
-                on_chunk(digest, chunk)
             total += len(chunk)
     finally:
         os.close(fd)
@@ -179,8 +186,9 @@ class Stored:
     offset: int
 
 
-def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
-                   claimed: set[str], lock: threading.Lock, *, frozen: bool = False
+def hash_and_store(repo, sources: list[tuple[str, dict[int, bytes] | None]],
+                   dedup: dict[str, tuple[str, int]], claimed: set[str],
+                   lock: threading.Lock, *, frozen: bool = False
                    ) -> tuple[list[tuple[FileHash, Stored | None]], int]:
     """Hash files and store their bytes in the same read, for a repository whose writes
     are cheap (a folder): a large file's chunks are written as they are hashed, and the
@@ -189,7 +197,8 @@ def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
     shared by the batches running at once, under `lock`. Returns, per source, its hash
     and where its bytes are (None when another batch is packing the same bytes: upload
     places it), and the bytes written. Writes skip their flush: the caller makes them
-    durable before it records them. `frozen` as for hash_file."""
+    durable before it records them. Each source comes with its known chunk digests, and
+    `frozen` applies, as for hash_file."""
     written = 0
     out: list[tuple[FileHash, Stored | None]] = []
     pack = bytearray()
@@ -201,8 +210,8 @@ def hash_and_store(repo, sources: list[str], dedup: dict[str, tuple[str, int]],
         if repo.put_blob(digest.hex(), chunk, durable=False):
             written += len(chunk)
 
-    for source in sources:
-        h, data = _hash(source, repo.chunk_size, store_chunk, frozen=frozen)
+    for source, known in sources:
+        h, data = _hash(source, repo.chunk_size, store_chunk, frozen=frozen, known=known)
         if h.chunks is not None or h.size == 0:
             out.append((h, Stored(None, 0)))
             continue

@@ -29,6 +29,9 @@ class ChangeSet:
     links: list[tuple[str, str, int]] = field(default_factory=list)  # (path, target, mtime_ns)
     dirs: list[tuple[str, int, int]] = field(default_factory=list)   # (path, mode, mtime_ns)
     removed: list[str] = field(default_factory=list)
+    # local file -> {chunk index: digest} of chunks known unchanged (a copied-up file's
+    # untouched chunks): reused, not hashed again
+    known: dict[str, dict[int, bytes]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (self.files or self.refs or self.links or self.dirs or self.removed)
@@ -65,7 +68,8 @@ def stage_changes(ds: Dataset, changes: ChangeSet, progress: Progress = NO_PROGR
         except FileNotFoundError:
             raise SourceMissing(f"{local} (for {path}) vanished before the commit") from None
         cands.append(Candidate(paths.clean(path), local, "f", st.st_size,
-                               stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns))
+                               stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns,
+                               known=changes.known.get(local)))
     if cands:
         ds._stage(d, cands, progress, frozen=True)
 

@@ -362,13 +362,14 @@ class Dataset:
             nonlocal written
             try:
                 if store:
-                    out, new = blobs.hash_and_store(self.repo, [c.source for c in batch],
-                                                    dedup, claimed, lock, frozen=frozen)
+                    out, new = blobs.hash_and_store(
+                        self.repo, [(c.source, c.known) for c in batch], dedup, claimed,
+                        lock, frozen=frozen)
                     with lock:
                         written += new
                 else:
-                    out = [(blobs.hash_file(c.source, self.repo.chunk_size, frozen=frozen),
-                            None) for c in batch]
+                    out = [(blobs.hash_file(c.source, self.repo.chunk_size, frozen=frozen,
+                                            known=c.known), None) for c in batch]
             except FileNotFoundError as exc:
                 raise SourceMissing(f"{exc.filename} vanished while it was being added") \
                     from None

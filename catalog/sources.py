@@ -26,6 +26,7 @@ class Candidate:
     mode: int
     mtime_ns: int
     target: str | None = None
+    known: dict[int, bytes] | None = None   # chunk index -> digest known unchanged
 
 
 def patterns_of(wildcard) -> list[str]:

@@ -297,12 +297,14 @@ class Filesystem:
             h = self._handle(fh)
             if h.fd is None:
                 raise BadHandle(f"{h.path} is not open for writing")
+            self.view.note_write(h.upper, offset, len(data))   # before the bytes change
             return os.pwrite(h.fd, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         with self._op():
             h = self._handle(fh) if fh is not None else None
             if h is not None and h.fd is not None:
+                self.view.note_truncate(h.upper)
                 os.ftruncate(h.fd, length)
             else:
                 self._follow_copy_up(path, self._overlay(path).truncate(path, length))

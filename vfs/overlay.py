@@ -15,6 +15,12 @@ one committed transaction per operation) holds what each changed path now is:
 A path's lower counterpart is found by walking its components through the journal
 (`lower_path`), which is how renamed folders keep showing their lower files.
 
+Copied-up chunks. A large lower file copied up keeps, in `copied`, its lower size and
+chunk digests, and `dirty` records each chunk a write touches, in the journal before the
+bytes reach the upper file (so a crash can lose a dirty mark only with the write it
+covers). A commit then reuses the digest of every chunk that no write touched instead of
+hashing it again (`known_chunks`); a truncate forgets the file's lower chunks altogether.
+
 Concurrency: metadata operations take `_lock` (an RLock; SQLite is used only under it);
 file data is read and written through descriptors outside it. Lock order: overlay
 `_lock` before any lock of the lower view or the cache.
@@ -46,6 +52,10 @@ CREATE TABLE IF NOT EXISTS nodes(
     mode INTEGER, mtime_ns INTEGER, target TEXT, origin TEXT) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS nodes_parent ON nodes(parent, name);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS copied(upper TEXT PRIMARY KEY, size INTEGER NOT NULL,
+    chunk_size INTEGER NOT NULL, chunks BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dirty(upper TEXT NOT NULL, chunk INTEGER NOT NULL,
+    PRIMARY KEY(upper, chunk)) WITHOUT ROWID;
 """
 COLUMNS = "path, kind, upper, lower, redirect, opaque, mode, mtime_ns, target, origin"
 OVERLAY_VERSION = "overlay"   # what user.strata.version says of a pending change
@@ -91,6 +101,13 @@ class Overlay:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        # upper name -> (chunk size, chunks written since copy-up), for copied-up files
+        self._dirty: dict[str, tuple[int, set[int]]] = {
+            upper: (size, set()) for upper, size in
+            self.db.execute("SELECT upper, chunk_size FROM copied")}
+        for upper, chunk in self.db.execute("SELECT upper, chunk FROM dirty"):
+            self._dirty[upper][1].add(chunk)
+        self._dirty_lock = threading.Lock()
 
     def get(self, path: str) -> Row | None:
         r = self.db.execute(f"SELECT {COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()
@@ -133,6 +150,52 @@ class Overlay:
 
     def is_empty(self) -> bool:
         return self.db.execute("SELECT 1 FROM nodes LIMIT 1").fetchone() is None
+
+    # ---- chunks of copied-up files -------------------------------------------------------
+    def track(self, name: str, size: int, chunk_size: int, chunks: bytes) -> None:
+        """Upper file `name` is a copy of a lower file of `size` bytes in `chunks`."""
+        with self._dirty_lock:
+            self.db.execute("INSERT OR REPLACE INTO copied VALUES (?,?,?,?)",
+                            (name, size, chunk_size, chunks))
+            self._dirty[name] = (chunk_size, set())
+
+    def note_write(self, name: str, offset: int, length: int) -> None:
+        """Bytes [offset, offset+length) of upper file `name` are about to change."""
+        tracked = self._dirty.get(name)
+        if tracked is None or length <= 0:
+            return
+        chunk_size, dirty = tracked
+        touched = set(range(offset // chunk_size, (offset + length - 1) // chunk_size + 1))
+        if touched <= dirty:
+            return
+        with self._dirty_lock:
+            new = touched - dirty
+            self.db.executemany("INSERT OR IGNORE INTO dirty VALUES (?, ?)",
+                                [(name, c) for c in sorted(new)])
+            dirty |= new
+
+    def untrack(self, name: str) -> None:
+        """Forget the lower chunks of upper file `name` (truncated, or gone)."""
+        if name not in self._dirty:
+            return
+        with self._dirty_lock:
+            self.db.execute("DELETE FROM copied WHERE upper=?", (name,))
+            self.db.execute("DELETE FROM dirty WHERE upper=?", (name,))
+            self._dirty.pop(name, None)
+
+    def known_chunks(self, name: str, size: int) -> dict[int, bytes] | None:
+        """Digests of the chunks of upper file `name` (now `size` bytes) that are still the
+        lower file's: whole chunks, in both the lower file and this one, that no write
+        touched. None if the file is not a tracked copy."""
+        row = self.db.execute("SELECT size, chunk_size, chunks FROM copied WHERE upper=?",
+                              (name,)).fetchone()
+        if row is None:
+            return None
+        lower_size, chunk_size, chunks = row
+        dirty = {c for (c,) in self.db.execute("SELECT chunk FROM dirty WHERE upper=?",
+                                                (name,))}
+        whole = min(lower_size, size) // chunk_size
+        return {i: chunks[i * 32:(i + 1) * 32] for i in range(whole) if i not in dirty}
 
     def close(self) -> None:
         self.db.close()
@@ -285,6 +348,7 @@ class OverlayView:
 
     def _discard_upper(self, row: Row | None) -> None:
         if row is not None and row.upper:
+            self.overlay.untrack(row.upper)
             try:
                 os.unlink(self.overlay.upper_path(row.upper))
             except FileNotFoundError:
@@ -342,6 +406,10 @@ class OverlayView:
             old = self.overlay.get(path)
             origin = old.origin if old is not None else self.lower_path(path)
             self.overlay.put(Row(path, FILE, upper=name, origin=origin))
+            chunk_size = getattr(getattr(self.lower, "repo", None), "chunk_size", None)
+            if keep_data and chunk_size and not n.upper and n.entry is not None \
+                    and n.entry.kind == "f" and n.entry.chunks:
+                self.overlay.track(name, n.size, chunk_size, n.entry.chunks)
             return up
 
     def unlink(self, path: str) -> None:
@@ -483,8 +551,17 @@ class OverlayView:
     def truncate(self, path: str, length: int) -> str:
         with self._lock:
             up = self.copy_up(path, keep_data=length > 0)
+            self.overlay.untrack(os.path.basename(up))
             os.truncate(up, length)
             return up
+
+    def note_write(self, upper_file: str, offset: int, length: int) -> None:
+        """A write through an open upper file is about to change these bytes."""
+        self.overlay.note_write(os.path.basename(upper_file), offset, length)
+
+    def note_truncate(self, upper_file: str) -> None:
+        """An open upper file is about to be truncated."""
+        self.overlay.untrack(os.path.basename(upper_file))
 
 
 def _with(row: Row, **changes) -> Row:

@@ -215,9 +215,18 @@ def _walk(view: OverlayView, folder: str, cs: ChangeSet) -> None:
         elif n.kind == LINK:
             cs.links.append((n.path, n.entry.target, n.mtime_ns))
         elif n.upper:
-            cs.files.append((n.path, n.upper))
+            _add_file(view, cs, n)
         else:
             cs.refs.append(_moved(n.entry, n.path, n.mode, n.mtime_ns))
+
+
+def _add_file(view: OverlayView, cs: ChangeSet, n, path: str | None = None) -> None:
+    """An upper file to store; the chunks it still shares with the lower file it was
+    copied from need no hashing."""
+    cs.files.append((path or n.path, n.upper))
+    known = view.overlay.known_chunks(os.path.basename(n.upper), n.size)
+    if known:
+        cs.known[n.upper] = known
 
 
 def _moved(e: Entry, path: str, mode: int, mtime_ns: int) -> Entry:
@@ -246,7 +255,7 @@ def changeset_of(view: OverlayView) -> ChangeSet:
         else:
             n = view.lookup(row.path)
             if n.upper:
-                cs.files.append((row.path, n.upper))
+                _add_file(view, cs, n, row.path)
             else:
                 cs.refs.append(_moved(n.entry, row.path, n.mode, n.mtime_ns))
     # a folder emptied by removals is still there in the mount: keep it explicitly

@@ -65,6 +65,12 @@ def child_tree(env, vid, name):
 @given(ops=st.lists(op, min_size=1, max_size=15))
 # a file replacing a parent's folder (the child must remove the folder)
 @example(ops=[("rename", "d", "b"), ("create", "d", b"")])
+# copied-up chunks: a written chunk is hashed again, untouched ones are reused; the copy
+# is forgotten after a truncate; a renamed lower file keeps its chunks
+@example(ops=[("write", "big", 5, b"Q", False)])
+@example(ops=[("write", "big", CHUNK - 1, b"QR", True), ("truncate", "big", 100),
+              ("write", "big", 2 * CHUNK, b"Z", False)])
+@example(ops=[("rename", "big", "n"), ("write", "n", CHUNK + 1, b"R", False)])
 def test_commit_makes_a_child_equal_to_the_model(tmp_path_factory, ops):
     env = Env(tmp_path_factory.mktemp("c"))
     try:
@@ -200,5 +206,80 @@ def test_a_commit_reads_each_new_file_once(tmp_path, monkeypatch, stores_on_add)
         out = tmp_path / "out"
         Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
         assert {n: (out / n).read_bytes() for n in new} == new
+    finally:
+        env.close()
+
+
+def chunk_hashes(monkeypatch) -> list[int]:
+    """Sizes of the sha256 computations over whole chunks or the last partial chunk of
+    "big", counted from now on (hashlib is patched globally: other hashing is ignored)."""
+    import hashlib
+    sizes = []
+    real = hashlib.sha256
+    tail = len(BASE["big"]) % CHUNK
+
+    def counting(*args):
+        if args and len(args[0]) in (CHUNK, tail):
+            sizes.append(len(args[0]))
+        return real(*args)
+    monkeypatch.setattr(hashlib, "sha256", counting)
+    return sizes
+
+
+def expected_big(*writes):
+    data = bytearray(BASE["big"])
+    for offset, chunk in writes:
+        data[offset:offset + len(chunk)] = chunk
+    return bytes(data)
+
+
+def test_a_commit_hashes_only_the_chunks_written_since_copy_up(tmp_path, monkeypatch):
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        fh = s.fs.open("big", os.O_RDWR)           # copy-up: 2 whole chunks and a tail
+        s.fs.write(fh, CHUNK + 10, b"XY")           # touches chunk 1 only
+        s.fs.release(fh)
+        sizes = chunk_hashes(monkeypatch)
+        child = s.commit()
+        tail = len(BASE["big"]) % CHUNK
+        assert sorted(sizes) == sorted([CHUNK, tail])   # chunk 0 reused, not hashed
+        assert child.record.uploaded_bytes == CHUNK     # the tail's bytes did not change
+        out = tmp_path / "o"
+        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+        assert (out / "big").read_bytes() == expected_big((CHUNK + 10, b"XY"))
+    finally:
+        env.close()
+
+
+def test_dirty_chunks_survive_a_remount_and_a_truncate_forgets_the_copy(tmp_path,
+                                                                        monkeypatch):
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        fh = s.fs.open("big", os.O_RDWR)
+        s.fs.write(fh, 5, b"a")                     # chunk 0
+        s.fs.release(fh)
+        s2 = env.session()                          # remount: the journal is reloaded
+        fh = s2.fs.open("big", os.O_RDWR)
+        s2.fs.write(fh, CHUNK + 5, b"b")            # chunk 1, after the remount
+        s2.fs.release(fh)
+        sizes = chunk_hashes(monkeypatch)
+        child = s2.commit()
+        assert sorted(sizes) == sorted([CHUNK, CHUNK, len(BASE["big"]) % CHUNK])
+        out = tmp_path / "o"
+        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+        assert (out / "big").read_bytes() == expected_big((5, b"a"), (CHUNK + 5, b"b"))
+
+        # a file shortened and grown back is not its lower copy any more
+        fh = s2.fs.open("big", os.O_RDWR)
+        s2.fs.truncate("big", CHUNK // 2, fh)
+        s2.fs.truncate("big", len(BASE["big"]), fh)
+        s2.fs.release(fh)
+        child2 = s2.commit()
+        out2 = tmp_path / "o2"
+        Dataset.get(child2.id, repo=env.url).get_mutable_local_copy(out2)
+        want = expected_big((5, b"a"), (CHUNK + 5, b"b"))[:CHUNK // 2]
+        assert (out2 / "big").read_bytes() == want + bytes(len(BASE["big"]) - len(want))
     finally:
         env.close()
