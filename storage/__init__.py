@@ -15,6 +15,7 @@ from strata.storage.errors import (
     Corrupt,
     InvalidKey,
     InvalidURL,
+    MissingBucket,
     MissingDependency,
     NotFound,
     PermissionDenied,
@@ -42,7 +43,8 @@ __all__ = [
     "ObjectInfo", "Storage", "StorageURL", "open_storage", "parse_url", "open_external",
     "check_key", "check_prefix", "RetryingStorage", "CountingStorage",
     "StrataError", "StorageError", "NotFound", "PreconditionFailed", "PermissionDenied",
-    "Transient", "Unreachable", "Corrupt", "InvalidURL", "InvalidKey", "MissingDependency",
+    "Transient", "Unreachable", "Corrupt", "InvalidURL", "InvalidKey", "MissingBucket",
+    "MissingDependency",
 ]
 
 

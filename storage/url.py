@@ -163,6 +163,10 @@ def _parse(url: str | os.PathLike[str]) -> StorageURL:
     except ValueError as exc:  # e.g. an unbalanced '[' ("Invalid IPv6 URL")
         raise _invalid(url, f"cannot be parsed ({exc})") from None
     if parts.fragment or (parts.query and scheme not in _LINK_SCHEMES):
+        if scheme == "azure" and parts.query:
+            raise _invalid(url, "unexpected '?': a SAS token does not go in the URL; set "
+                                "AZURE_STORAGE_SAS_TOKEN or put it in the config file "
+                                "(see docs/backends.md)")
         raise _invalid(url, "unexpected '?' or '#'")
     if scheme == "file":
         return _parse_file(url, parts.netloc, parts.path)

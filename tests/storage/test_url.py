@@ -139,3 +139,8 @@ def test_unknown_scheme_lists_accepted_forms() -> None:
 
 def test_path_objects_and_urls_agree(tmp_path) -> None:
     assert parse_url(os.fspath(tmp_path)) == parse_url(f"file://{tmp_path}")
+
+
+def test_a_sas_token_in_an_azure_url_says_where_it_goes() -> None:
+    with pytest.raises(InvalidURL, match="AZURE_STORAGE_SAS_TOKEN"):
+        parse_url("azure://acct.blob.core.windows.net/container/p?sv=2024&sig=abc")
