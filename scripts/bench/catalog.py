@@ -43,11 +43,11 @@ import tempfile
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-MB = 1e6  # throughput is reported in MB/s (10^6 bytes per second), like cp/dd
+import benchlib
+from benchlib import GiB, KiB, MiB, human, mbps, tree_stats, warm_tree
 
 # ClearML 2.1 with local storage, measured earlier on this machine (not re-run here).
 CLEARML = {
@@ -58,59 +58,26 @@ CLEARML = {
 
 # ---- results ---------------------------------------------------------------------------
 @dataclass
-class Row:
-    figure: str
-    strata: str
-    baseline: str = ""
-    ratio: str = ""
-    target: str = ""
-    ok: bool | None = None          # None: informational, no target
-    values: dict = field(default_factory=dict)
+class Row(benchlib.Row):
     section: int = 0                # the brief's section (rows print in section order)
 
 
-class Results:
+class Results(benchlib.Results):
+    """Rows print in section order; a row whose figure does not start with a section number
+    belongs to the section of the row before it."""
+
     def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self.meta: dict = {}
+        super().__init__(order=lambda r: r.section)
 
     def add(self, row: Row) -> Row:
         head = row.figure.split(".", 1)[0]
         row.section = int(head) if head.isdigit() else (self.rows[-1].section if self.rows
                                                          else 0)
-        self.rows.append(row)
-        mark = {True: "PASS", False: "FAIL", None: "info"}[row.ok]
-        print(f"  [{mark}] {row.figure}: {row.strata}"
-              + (f" | baseline {row.baseline}" if row.baseline else "")
-              + (f" | {row.ratio}" if row.ratio else ""), flush=True)
-        return row
-
-    def markdown(self) -> str:
-        out = ["| figure | strata | baseline | ratio | target | result |",
-               "| --- | --- | --- | --- | --- | --- |"]
-        for r in sorted(self.rows, key=lambda r: r.section):
-            result = {True: "pass", False: "**FAIL**", None: "info"}[r.ok]
-            out.append(f"| {r.figure} | {r.strata} | {r.baseline} | {r.ratio} | {r.target} "
-                       f"| {result} |")
-        return "\n".join(out)
-
-    def as_json(self) -> dict:
-        return {"meta": self.meta, "rows": [asdict(r) for r in self.rows]}
+        return super().add(row)
 
 
 def secs(t: float) -> str:
     return f"{t:.2f} s" if t < 100 else f"{t:.0f} s"
-
-
-def rate(nbytes: int, t: float) -> str:
-    return f"{nbytes / MB / t:.0f} MB/s" if t > 0 else "-"
-
-
-def human(n: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 # ---- profiling (all threads) -----------------------------------------------------------
@@ -159,35 +126,22 @@ class Profiler:
 
 
 # ---- data generation -------------------------------------------------------------------
-class Bytes:
-    """Unique pseudo-random bytes at GB/s: a 64 MiB random pool (numpy SFC64) XOR a key that
-    differs for every block, read from an offset that moves with the block. No two blocks,
-    hence no two chunks or small files, are equal. Without numpy: pool slices behind a
-    unique 8-byte counter every 4 KiB."""
-
-    POOL = 64 * MiB
+class Bytes(benchlib.Bytes):
+    """benchlib.Bytes with pool words over the whole uint64 range. Without numpy: pool
+    slices behind a unique 8-byte counter every 4 KiB."""
 
     def __init__(self, seed: int):
-        self.counter = seed * 1_000_003
         try:
-            import numpy as np
+            super().__init__(seed, high=2**64)
         except ImportError:
+            self.counter = seed * 1_000_003
             self.np = None
             self.pool = os.urandom(self.POOL)
-            return
-        self.np = np
-        gen = np.random.Generator(np.random.SFC64(seed))
-        self.pool = gen.integers(0, 2**64 - 1, size=self.POOL // 8, dtype=np.uint64,
-                                 endpoint=True)
 
     def block(self, n: int) -> bytes:
-        self.counter += 1
         if self.np is not None:
-            np = self.np
-            words = (n + 7) // 8
-            off = (self.counter * 104_729) % (len(self.pool) - words)
-            key = np.uint64((self.counter * 0x9E3779B97F4A7C15) & (2**64 - 1))
-            return (self.pool[off:off + words] ^ key).tobytes()[:n]
+            return super().block(n)
+        self.counter += 1
         parts, got, page = [], 0, 0
         base = (self.counter * 104_729) % (self.POOL - 4 * KiB)
         while got < n:
@@ -197,15 +151,6 @@ class Bytes:
             parts.append(piece)
             got += len(piece)
         return b"".join(parts)[:n]
-
-
-def write_file(path: Path, size: int, gen: Bytes, block: int = 4 * MiB) -> None:
-    with open(path, "wb") as f:
-        left = size
-        while left > 0:
-            n = min(block, left)
-            f.write(gen.block(n))
-            left -= n
 
 
 def make_mixed_tree(root: Path, total: int, gen: Bytes, rnd: random.Random) -> dict:
@@ -218,7 +163,7 @@ def make_mixed_tree(root: Path, total: int, gen: Bytes, rnd: random.Random) -> d
     large_sizes = [max(9 * MiB, int(w * scale)) for w in weights]
     (root / "large").mkdir(parents=True)
     for i, size in enumerate(large_sizes):
-        write_file(root / "large" / f"part-{i:02d}.bin", size, gen)
+        gen.write_file(root / "large" / f"part-{i:02d}.bin", size, 4 * MiB)
 
     small_total = total - sum(large_sizes)
     n_small = max(100, round(20_000 * total / (2 * GiB)))
@@ -259,34 +204,7 @@ def make_uniform_tree(root: Path, n_files: int, size: int, per_dir: int, gen: By
 def make_big_files_tree(root: Path, n_files: int, total: int, gen: Bytes) -> None:
     root.mkdir(parents=True)
     for i in range(n_files):
-        write_file(root / f"file-{i:02d}.bin", total // n_files, gen)
-
-
-def tree_stats(root: Path) -> tuple[int, int]:
-    """(files, bytes) under root, symlinks not followed."""
-    files = total = 0
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            st = os.lstat(os.path.join(dirpath, n))
-            files += 1
-            total += st.st_size
-    return files, total
-
-
-def warm(root: Path) -> int:
-    """Read every file once so the page cache holds the tree (both sides then see the same
-    cache state)."""
-    buf = bytearray(8 * MiB)
-    total = 0
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(dirpath, n), "rb", buffering=0) as f:
-                while True:
-                    got = f.readinto(buf)
-                    if not got:
-                        break
-                    total += got
-    return total
+        gen.write_file(root / f"file-{i:02d}.bin", total // n_files, 4 * MiB)
 
 
 def sync() -> float:
@@ -365,10 +283,10 @@ def run(args, work: Path, res: Results) -> None:
     # allocator's recently_deleted() scan), which would penalise whichever side came next.
     print("\n2. add_files + finalize(auto_upload=True) vs cp -r ...", flush=True)
     sync()
-    warm(tree)
+    warm_tree(tree)
     t_cp_a = cp_r(tree, work / "cp-2a")
     t_cp_sync = sync()
-    warm(tree)
+    warm_tree(tree)
     with prof.phase("2_add_finalize_mixed"):
         t0 = time.perf_counter()
         v1 = Dataset.create("mixed", "bench", repo=repo)
@@ -378,21 +296,21 @@ def run(args, work: Path, res: Results) -> None:
         t2 = time.perf_counter()
     t_add, t_fin, t_strata = t1 - t0, t2 - t1, t2 - t0
     t_strata_sync = sync()
-    warm(tree)
+    warm_tree(tree)
     t_cp_b = cp_r(tree, work / "cp-2b")
     sync()
     t_cp = (t_cp_a + t_cp_b) / 2
     ratio = t_cp / t_strata
     res.add(Row("2. add_files + finalize(auto_upload) vs `cp -r`",
-                f"{secs(t_strata)} ({rate(tree_bytes, t_strata)})",
-                f"{secs(t_cp)} ({rate(tree_bytes, t_cp)}; runs {t_cp_a:.1f}, {t_cp_b:.1f} s)",
+                f"{secs(t_strata)} ({mbps(tree_bytes, t_strata)})",
+                f"{secs(t_cp)} ({mbps(tree_bytes, t_cp)}; runs {t_cp_a:.1f}, {t_cp_b:.1f} s)",
                 f"{ratio:.2f}x", ">= 0.5x", ratio >= 0.5,
                 {"strata_s": t_strata, "add_files_s": t_add, "finalize_s": t_fin,
                  "cp_s": [t_cp_a, t_cp_b], "bytes": tree_bytes, "ratio": ratio,
                  "uploaded_bytes": v1.record.uploaded_bytes}))
     res.add(Row("   of which add_files (hash) / finalize (store + manifest)",
-                f"{secs(t_add)} ({rate(tree_bytes, t_add)}) / "
-                f"{secs(t_fin)} ({rate(tree_bytes, t_fin)})"))
+                f"{secs(t_add)} ({mbps(tree_bytes, t_add)}) / "
+                f"{secs(t_fin)} ({mbps(tree_bytes, t_fin)})"))
     ratio_sync = (t_cp_a + t_cp_sync) / (t_strata + t_strata_sync)
     res.add(Row("   same, each followed by `sync` (strata has flushed its blobs already, cp has not)",
                 f"{secs(t_strata + t_strata_sync)}", f"{secs(t_cp_a + t_cp_sync)} (first run)",
@@ -401,18 +319,18 @@ def run(args, work: Path, res: Results) -> None:
 
     # 4. get_mutable_local_copy vs cp -r (before the tree is modified) ---------------------
     print("\n4. get_mutable_local_copy vs cp -r ...", flush=True)
-    warm(tree)
+    warm_tree(tree)
     t_cp_a = cp_r(tree, work / "cp-4a")
     sync()
-    warm(tree)
-    warm(blobs_dir)
+    warm_tree(tree)
+    warm_tree(blobs_dir)
     target = work / "get-copy"
     with prof.phase("4_get_mutable_local_copy"):
         t0 = time.perf_counter()
         Dataset.get(v1.id, repo=fresh_repo()).get_mutable_local_copy(str(target))
         t_get = time.perf_counter() - t0
     sync()
-    warm(tree)
+    warm_tree(tree)
     t_cp_b = cp_r(tree, work / "cp-4b")
     sync()
     t_cp = (t_cp_a + t_cp_b) / 2
@@ -423,8 +341,8 @@ def run(args, work: Path, res: Results) -> None:
         same = same and (target / rel).read_bytes() == p.read_bytes()
     ratio = t_cp / t_get
     res.add(Row("4. get_mutable_local_copy(v1) vs `cp -r` of the source",
-                f"{secs(t_get)} ({rate(tree_bytes, t_get)})",
-                f"{secs(t_cp)} ({rate(tree_bytes, t_cp)}; runs {t_cp_a:.1f}, {t_cp_b:.1f} s)",
+                f"{secs(t_get)} ({mbps(tree_bytes, t_get)})",
+                f"{secs(t_cp)} ({mbps(tree_bytes, t_cp)}; runs {t_cp_a:.1f}, {t_cp_b:.1f} s)",
                 f"{ratio:.2f}x", ">= 0.5x", ratio >= 0.5 and same,
                 {"strata_s": t_get, "cp_s": [t_cp_a, t_cp_b], "ratio": ratio,
                  "copy_matches": same}))
@@ -522,7 +440,7 @@ def run(args, work: Path, res: Results) -> None:
     make_uniform_tree(tiny, n_tiny, 100, 100, gen)
     t_gen = time.perf_counter() - t
     sync()
-    warm(tiny)
+    warm_tree(tiny)
     with prof.phase("5_tiny_finalize"):
         t0 = time.perf_counter()
         tv = Dataset.create("tiny", "bench", repo=repo)
@@ -585,10 +503,10 @@ def run(args, work: Path, res: Results) -> None:
         root = work / slug
         make(root)
         sync()
-        warm(root)
+        warm_tree(root)
         t_cp = cp_r(root, work / (slug + "-cp"))
         sync()
-        warm(root)
+        warm_tree(root)
         ref = CLEARML[label]
         with prof.phase("6_" + label.replace(" ", "_")):
             t0 = time.perf_counter()
@@ -695,7 +613,7 @@ def main(argv=None) -> int:
             rm(work)
     if failed is not None:
         raise failed
-    return 0 if all(r.ok is not False for r in res.rows) else 1
+    return 0 if res.passed() else 1
 
 
 if __name__ == "__main__":

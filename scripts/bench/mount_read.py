@@ -48,74 +48,46 @@ profiling are inflated, use them for where the time goes.
 from __future__ import annotations
 
 import argparse
-import collections
 import hashlib
 import json
 import os
-import platform
 import random
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-MB = 1e6
-READ_BS = 1 * MiB
-ROOT = Path(__file__).resolve().parents[2]
+from benchlib import (
+    CAN_DROP,
+    MB,
+    Bytes,
+    GiB,
+    KiB,
+    MiB,
+    Results,
+    Row,
+    Strata,
+    drop_caches,
+    fuse_attrs,
+    fuse_process,
+    isolate,
+    mbps,
+    raise_readahead,
+    read_all,
+    run_bench,
+    secs,
+    warm_tree,
+)
+
 TOOLS_DEFAULT = "/opt/strata-bench"
 
 
 # ---- results ---------------------------------------------------------------------------
-@dataclass
-class Row:
-    figure: str
-    strata: str
-    baseline: str = ""
-    ratio: str = ""
-    target: str = ""
-    ok: bool | None = None          # None: informational, no target
-    values: dict = field(default_factory=dict)
-
-
-class Results:
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self.meta: dict = {}
-
-    def add(self, row: Row) -> Row:
-        self.rows.append(row)
-        mark = {True: "PASS", False: "FAIL", None: "info"}[row.ok]
-        print(f"  [{mark}] {row.figure}: {row.strata}"
-              + (f" | baseline {row.baseline}" if row.baseline else "")
-              + (f" | {row.ratio}" if row.ratio else ""), flush=True)
-        return row
-
-    def markdown(self) -> str:
-        out = ["| figure | strata | baseline | ratio | target | result |",
-               "| --- | --- | --- | --- | --- | --- |"]
-        for r in sorted(self.rows, key=lambda r: r.figure.split(" ", 1)[0]):
-            result = {True: "pass", False: "**FAIL**", None: "info"}[r.ok]
-            out.append(f"| {r.figure} | {r.strata} | {r.baseline} | {r.ratio} | {r.target} "
-                       f"| {result} |")
-        return "\n".join(out)
-
-
-def secs(t: float) -> str:
-    return f"{t * 1000:.0f} ms" if t < 1 else f"{t:.2f} s"
-
-
-def mbps(nbytes: int, t: float) -> str:
-    return f"{nbytes / MB / t:.0f} MB/s" if t > 0 else "-"
-
-
 def ratio_row(res: Results, figure: str, s_val: float, b_val: float, s_txt: str, b_txt: str,
               target: float | None, higher_better: bool = True, info: str = "") -> Row:
     """A row comparing strata with a baseline; the ratio is strata/baseline for rates
@@ -130,64 +102,10 @@ def ratio_row(res: Results, figure: str, s_val: float, b_val: float, s_txt: str,
 
 
 # ---- environment -----------------------------------------------------------------------
-def isolate(work: Path, s3_port: int) -> None:
-    """Point strata and AWS at private folders and the private s3rver (before importing
-    strata, so its config module reads these)."""
-    for k in list(os.environ):
-        if k.startswith(("STRATA_", "AWS_", "RCLONE_")):
-            del os.environ[k]
-    os.environ.update(
-        XDG_DATA_HOME=str(work / "xdg-data"), XDG_CACHE_HOME=str(work / "xdg-cache"),
-        XDG_CONFIG_HOME=str(work / "xdg-config"),
-        AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
-        AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://127.0.0.1:{s3_port}",
-        AWS_CONFIG_FILE=str(work / "aws-none"), AWS_SHARED_CREDENTIALS_FILE=str(work / "aws-none"),
-        AWS_EC2_METADATA_DISABLED="true")
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-CAN_DROP = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def drop_caches() -> bool:
-    if not CAN_DROP:
-        return False
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def read_all(path: str, bs: int = READ_BS) -> tuple[int, float]:
-    """Read a file sequentially with `bs`-sized reads; (bytes, seconds)."""
-    buf = bytearray(bs)
-    view = memoryview(buf)
-    total = 0
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        while True:
-            n = f.readinto(view)
-            if not n:
-                break
-            total += n
-    return total, time.perf_counter() - t0
-
-
-def warm_folder(folder: Path) -> int:
-    """Read every file under `folder` (puts a server's backing files in the page cache)."""
-    total = 0
-    for dirpath, _, files in os.walk(folder):
-        for fn in files:
-            total += read_all(os.path.join(dirpath, fn), 8 * MiB)[0]
-    return total
 
 
 def rss_kb(pid: int) -> int:
@@ -196,164 +114,6 @@ def rss_kb(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
-
-
-def mounted(mp: str) -> bool:
-    mp = os.path.abspath(mp)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mp for line in f)
-
-
-def force_unmount(mp: str) -> None:
-    if mounted(mp):
-        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
-        if mounted(mp):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-
-
-def loadavg() -> str:
-    try:
-        return open("/proc/loadavg").read().split(" ", 3)[:3].__str__()
-    except OSError:
-        return "?"
-
-
-# ---- data ------------------------------------------------------------------------------
-class Bytes:
-    """Unique pseudo-random bytes fast: a 64 MiB random pool XOR a key that differs for
-    every block (so no two 1 MiB blocks, hence no two chunks or small files, are equal)."""
-
-    def __init__(self, seed: int):
-        import numpy as np
-        self.np = np
-        gen = np.random.Generator(np.random.SFC64(seed))
-        self.pool = gen.integers(0, 2**63, size=(64 * MiB) // 8, dtype=np.uint64)
-        self.counter = seed * 1_000_003
-
-    def block(self, n: int) -> bytes:
-        np = self.np
-        self.counter += 1
-        words = (n + 7) // 8
-        off = (self.counter * 104_729) % (len(self.pool) - words)
-        key = np.uint64((self.counter * 0x9E3779B97F4A7C15) & (2**64 - 1))
-        return (self.pool[off:off + words] ^ key).tobytes()[:n]
-
-    def write_file(self, path: Path, size: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            left = size
-            while left:
-                n = min(left, MiB)
-                f.write(self.block(n))
-                left -= n
-
-
-# ---- strata through its CLI and the mount registry -------------------------------------
-class Strata:
-    def __init__(self, work: Path, pyspy: Path | None):
-        self.work = work
-        self.pyspy = pyspy
-        self.mountpoints: set[str] = set()
-        self.procs: list[subprocess.Popen] = []
-
-    def env(self, cache_dir: Path | None = None) -> dict:
-        env = dict(os.environ)
-        if cache_dir is not None:
-            env["STRATA_CACHE_DIR"] = str(cache_dir)
-        return env
-
-    def cli(self, repo: str, *args: str, cache_dir: Path | None = None) -> float:
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "--repo", repo,
-                            *args], env=self.env(cache_dir), capture_output=True, text=True)
-        t = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise RuntimeError(f"strata {' '.join(args)} failed: {p.stderr.strip()[-800:]}")
-        return t
-
-    def mount(self, repo: str, vid: str, mp: Path, cache_dir: Path | None = None) -> float:
-        mp.mkdir(parents=True, exist_ok=True)
-        self.mountpoints.add(str(mp))
-        return self.cli(repo, "mount", "--id", vid, str(mp), cache_dir=cache_dir)
-
-    def pid(self, mp: Path) -> int:
-        from strata.vfs.mount import registered
-        info = registered(str(mp))
-        if info is None:
-            raise RuntimeError(f"{mp} is not a registered strata mount")
-        return info.pid
-
-    def unmount(self, mp: Path) -> None:
-        if mounted(str(mp)):
-            pid = self.pid(mp)
-            subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "unmount",
-                            str(mp)], env=self.env(), capture_output=True)
-            deadline = time.monotonic() + 20
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-                time.sleep(0.05)
-        force_unmount(str(mp))
-
-    @contextmanager
-    def profiled(self, mp: Path, name: str):
-        """py-spy record of the mount process while the block runs (if --pyspy)."""
-        if not self.pyspy or not shutil.which("py-spy"):
-            yield
-            return
-        self.pyspy.mkdir(parents=True, exist_ok=True)
-        out = self.pyspy / f"{name}.txt"
-        p = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid(mp)), "--rate", "200",
-                              "--format", "raw", "--threads", "--nonblocking",
-                              "-o", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        try:
-            yield
-        finally:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            summarise_pyspy(out)
-
-    def cleanup(self) -> None:
-        for mp in sorted(self.mountpoints):
-            try:
-                self.unmount(Path(mp))
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                force_unmount(mp)
-
-
-def summarise_pyspy(path: Path, top: int = 14) -> None:
-    """Own-time (leaf) and inclusive sample counts per function from py-spy's raw output,
-    idle frames (waiting on a lock, a socket, the FUSE device) separated."""
-    if not path.exists():
-        print(f"    (no py-spy output at {path})")
-        return
-    own: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        n = int(n)
-        frames = stack.split(";")
-        total += n
-        own[frames[-1]] += n
-        for fr in set(frames):
-            incl[fr] += n
-    print(f"    py-spy {path.name}: {total} samples; top own time:")
-    for fr, n in own.most_common(top):
-        print(f"      {n / total:6.1%}  {fr[:150]}")
-    print("    top inclusive (strata frames):")
-    shown = 0
-    for fr, n in incl.most_common():
-        if any(f"({layer}/" in fr for layer in ("vfs", "storage", "catalog")):
-            print(f"      {n / total:6.1%}  {fr[:150]}")
-            shown += 1
-            if shown >= top:
-                break
 
 
 # ---- find + stat -----------------------------------------------------------------------
@@ -416,25 +176,8 @@ def _pkg_version(path: Path) -> str:
         return "?"
 
 
-def wait_mounted(mp: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if mounted(mp):
-            try:
-                os.listdir(mp)
-                return
-            except OSError:
-                pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"mount at {mp} exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError(f"{mp} did not mount within {timeout} s")
-
-
-@contextmanager
 def foreign_mount(kind: str, s3: S3Server, mp: Path, work: Path):
     """`rclone mount` or `s3fs` of the bench bucket at `mp`, default options, read-only."""
-    mp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if kind == "rclone":
         env.update(RCLONE_CONFIG=str(work / "rclone.conf"), RCLONE_CONFIG_S3RV_TYPE="s3",
@@ -450,40 +193,13 @@ def foreign_mount(kind: str, s3: S3Server, mp: Path, work: Path):
         pw.chmod(0o600)
         args = ["s3fs", "bench", str(mp), "-f", "-o", f"url={s3.endpoint}", "-o",
                 "use_path_request_style", "-o", f"passwd_file={pw}", "-o", "ro"]
-    log = open(work / f"{kind}.log", "wb")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=log, start_new_session=True)
-    try:
-        wait_mounted(str(mp), proc)
-        yield proc
-    finally:
-        force_unmount(str(mp))
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
+    return fuse_process(args, mp, work / f"{kind}.log", env, terminate=True)
 
 
-@contextmanager
 def passthrough_mount(lib: str, src: Path, mp: Path, work: Path):
-    mp.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, FUSE_LIBRARY_NAME=lib)
-    log = open(work / f"passthrough-{lib}.log", "ab")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--passthrough",
-                             str(src), str(mp)], env=env, stdout=log, stderr=log,
-                            start_new_session=True)
-    try:
-        wait_mounted(str(mp), proc)
-        yield proc
-    finally:
-        force_unmount(str(mp))
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    return fuse_process([sys.executable, os.path.abspath(__file__), "--passthrough", str(src),
+                         str(mp)], mp, work / f"passthrough-{lib}.log",
+                        dict(os.environ, FUSE_LIBRARY_NAME=lib))
 
 
 def serve_passthrough(src: str, mp: str) -> None:
@@ -497,16 +213,14 @@ def serve_passthrough(src: str, mp: str) -> None:
         use_ns = True
 
         def init(self, path):
-            threading.Thread(target=raise_ra, daemon=True).start()
+            threading.Thread(target=raise_readahead, args=(mp,), daemon=True).start()
 
         def getattr(self, path, fh=None):
             try:
                 st = os.lstat(src + path)
             except FileNotFoundError:
                 raise mfusepy.FuseOSError(errno.ENOENT) from None
-            return {"st_mode": st.st_mode, "st_size": st.st_size, "st_nlink": st.st_nlink,
-                    "st_uid": st.st_uid, "st_gid": st.st_gid, "st_mtime": st.st_mtime_ns,
-                    "st_ctime": st.st_mtime_ns, "st_atime": st.st_mtime_ns}
+            return fuse_attrs(st)
 
         def readdir(self, path, fh):
             return [".", ".."] + os.listdir(src + path)
@@ -522,15 +236,6 @@ def serve_passthrough(src: str, mp: str) -> None:
         def release(self, path, fi):
             os.close(fi.fh)
             return 0
-
-    def raise_ra() -> None:
-        os.stat(mp)
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == os.path.abspath(mp):
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as ra:
-                        ra.write("1024")
 
     options = dict(foreground=True, ro=True, kernel_cache=True, attr_timeout=3600.0,
                    entry_timeout=3600.0, negative_timeout=3600.0, default_permissions=True)
@@ -565,13 +270,13 @@ QUICK = Sizes(200 * MiB, 16 * MiB, 64 * KiB, 200 * MiB, 10_000, 100, 950, 5_000)
 
 
 class Bench:
-    def __init__(self, args, work: Path, res: Results):
+    def __init__(self, args, work: Path, res):
         self.args = args
         self.work = work
         self.res = res
         self.sizes = QUICK if args.quick else FULL
         self.gen = Bytes(args.seed)
-        self.strata = Strata(work, Path(args.pyspy) if args.pyspy else None)
+        self.strata = Strata(Path(args.pyspy) if args.pyspy else None)
         self.local_repo = str(work / "repo-local")
         self.s3: S3Server | None = None
         self.s3_port = args.s3_port
@@ -630,8 +335,8 @@ class Bench:
         dest = self.work / "copy1"
         cache2 = self.work / "cache-ttfb-copy"
         drop_caches()
-        t_copy = self.strata.cli(self.local_repo, "get", "--id", vid, "--copy", str(dest),
-                                 cache_dir=cache2)
+        t_copy = self.strata.cli("--repo", self.local_repo, "get", "--id", vid, "--copy",
+                                 str(dest), cache_dir=cache2)[0]
         shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(cache2, ignore_errors=True)
         label = f"1. time to first byte, one file of a {total / GiB:.1f} GiB version " \
@@ -689,7 +394,7 @@ class Bench:
         n = sz.s3_file
 
         def warm() -> None:
-            warm_folder(s3.folder)
+            warm_tree(s3.folder)
 
         # boto3: the same bytes as one object, 8 threads x 8 MiB ranged GETs
         cfg = TransferConfig(multipart_threshold=8 * MiB, multipart_chunksize=8 * MiB,
@@ -1003,22 +708,6 @@ class Bench:
                 self.s3.stop()
 
 
-def machine_meta(args) -> dict:
-    mem = 0
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
-    import mfusepy  # noqa: F401 - for its version
-    from importlib.metadata import version
-    return {"cores": os.cpu_count(), "memory_gib": round(mem / GiB, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "mfusepy": version("mfusepy"), "boto3": version("boto3"),
-            "libfuse": tool_version(["fusermount3", "--version"]),
-            "quick": args.quick, "page_cache_dropped": CAN_DROP,
-            "loadavg_start": loadavg()}
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1045,31 +734,19 @@ def main(argv=None) -> int:
     only = {int(x) for x in args.only.split(",") if x.strip().isdigit()}
     args.s3_port = args.s3_port or free_port()
 
-    work = Path(tempfile.mkdtemp(prefix="strata-bench-mount-", dir=args.workdir))
-    isolate(work, args.s3_port)
-    sys.path.insert(0, str(ROOT))  # noqa - strata is installed; this only helps a bare checkout
-    res = Results()
-    res.meta = machine_meta(args)
-    print(f"work folder {work}; {res.meta['cores']} cores, {res.meta['memory_gib']} GiB; "
-          f"load {res.meta['loadavg_start']}; page cache drops: {CAN_DROP}", flush=True)
-    t0 = time.perf_counter()
-    bench = Bench(args, work, res)
-    try:
-        bench.run(only)
-    finally:
-        res.meta["loadavg_end"] = loadavg()
-        res.meta["seconds"] = round(time.perf_counter() - t0, 1)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(f"\nMount reads ({'--quick' if args.quick else 'full'} run, "
-          f"{res.meta['seconds']:.0f} s, {res.meta['cores']} cores, load "
-          f"{res.meta['loadavg_start']} -> {res.meta['loadavg_end']}):\n")
-    print(res.markdown())
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": res.meta,
-                                              "rows": [asdict(r) for r in res.rows]},
-                                             indent=1))
-    return 0 if all(r.ok is not False for r in res.rows) else 1
+    def isolate_env(work: Path) -> None:
+        isolate(work, ("STRATA_", "AWS_", "RCLONE_"),
+                AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_ENDPOINT_URL=f"http://127.0.0.1:{args.s3_port}",
+                AWS_CONFIG_FILE=str(work / "aws-none"),
+                AWS_SHARED_CREDENTIALS_FILE=str(work / "aws-none"),
+                AWS_EC2_METADATA_DISABLED="true")
+
+    return run_bench("Mount reads", "strata-bench-mount-", args, isolate_env,
+                     lambda work, res: Bench(args, work, res).run(only),
+                     order=lambda r: r.figure.split(" ", 1)[0],
+                     boto3=version("boto3"), libfuse=tool_version(["fusermount3", "--version"]))
 
 
 if __name__ == "__main__":

@@ -53,121 +53,42 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
-import json
 import os
-import platform
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-MB = 1e6
+from benchlib import (
+    CAN_DROP,
+    Bytes,
+    GiB,
+    KiB,
+    MiB,
+    Row,
+    Strata,
+    drop_caches,
+    fuse_attrs,
+    fuse_process,
+    human,
+    isolate,
+    mbps,
+    raise_readahead,
+    read_files,
+    run_bench,
+    secs,
+    tree_stats,
+    warm_tree,
+)
+
 IO_BS = 1 * MiB
-ROOT = Path(__file__).resolve().parents[2]
 PROJECT = "bench"
 
 
-# ---- results ---------------------------------------------------------------------------
-@dataclass
-class Row:
-    figure: str
-    strata: str
-    baseline: str = ""
-    ratio: str = ""
-    target: str = ""
-    ok: bool | None = None          # None: informational, no target
-    values: dict = field(default_factory=dict)
-
-
-class Results:
-    def __init__(self) -> None:
-        self.rows: list[Row] = []
-        self.meta: dict = {}
-
-    def add(self, row: Row) -> Row:
-        self.rows.append(row)
-        mark = {True: "PASS", False: "FAIL", None: "info"}[row.ok]
-        print(f"  [{mark}] {row.figure}: {row.strata}"
-              + (f" | baseline {row.baseline}" if row.baseline else "")
-              + (f" | {row.ratio}" if row.ratio else ""), flush=True)
-        return row
-
-    def markdown(self) -> str:
-        out = ["| figure | strata | baseline | ratio | target | result |",
-               "| --- | --- | --- | --- | --- | --- |"]
-        for r in self.rows:
-            result = {True: "pass", False: "**FAIL**", None: "info"}[r.ok]
-            out.append(f"| {r.figure} | {r.strata} | {r.baseline} | {r.ratio} | {r.target} "
-                       f"| {result} |")
-        return "\n".join(out)
-
-
-def secs(t: float) -> str:
-    return f"{t * 1000:.0f} ms" if t < 1 else f"{t:.2f} s"
-
-
-def mbps(nbytes: int, t: float) -> str:
-    return f"{nbytes / MB / t:.0f} MB/s" if t > 0 else "-"
-
-
-def human(n: float) -> str:
-    for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-# ---- environment -----------------------------------------------------------------------
-def isolate(work: Path) -> None:
-    """Point strata at private folders (before importing strata)."""
-    for k in list(os.environ):
-        if k.startswith("STRATA_"):
-            del os.environ[k]
-    run = work / "run"
-    run.mkdir(mode=0o700)
-    os.environ.update(XDG_DATA_HOME=str(work / "xdg-data"),
-                      XDG_CACHE_HOME=str(work / "xdg-cache"),
-                      XDG_CONFIG_HOME=str(work / "xdg-config"), XDG_RUNTIME_DIR=str(run))
-
-
-CAN_DROP = os.geteuid() == 0 and os.access("/proc/sys/vm/drop_caches", os.W_OK)
-
-
-def drop_caches() -> bool:
-    if not CAN_DROP:
-        return False
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
-def read_files(files: list[str], bs: int = IO_BS) -> tuple[int, float]:
-    """Read files one after the other with `bs`-sized reads; (bytes, seconds)."""
-    buf = bytearray(bs)
-    view = memoryview(buf)
-    total = 0
-    t0 = time.perf_counter()
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while True:
-                n = f.readinto(view)
-                if not n:
-                    break
-                total += n
-    return total, time.perf_counter() - t0
-
-
+# ---- data ------------------------------------------------------------------------------
 def sha_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
@@ -176,72 +97,6 @@ def sha_file(path: str) -> str:
             if not b:
                 return h.hexdigest()
             h.update(b)
-
-
-def tree_bytes(folder: Path) -> tuple[int, int]:
-    """(files, bytes) of every regular file under `folder`."""
-    n = size = 0
-    for dirpath, _, files in os.walk(folder):
-        for fn in files:
-            st = os.lstat(os.path.join(dirpath, fn))
-            n += 1
-            size += st.st_size
-    return n, size
-
-
-def warm_tree(folder: Path) -> None:
-    for dirpath, _, files in os.walk(folder):
-        read_files([os.path.join(dirpath, fn) for fn in files], 8 * MiB)
-
-
-def mounted(mp: str) -> bool:
-    mp = os.path.abspath(mp)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == mp for line in f)
-
-
-def force_unmount(mp: str) -> None:
-    if mounted(mp):
-        subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
-        if mounted(mp):
-            subprocess.run(["umount", "-l", mp], capture_output=True)
-
-
-def loadavg() -> str:
-    try:
-        return str(open("/proc/loadavg").read().split(" ", 3)[:3])
-    except OSError:
-        return "?"
-
-
-# ---- data ------------------------------------------------------------------------------
-class Bytes:
-    """Unique pseudo-random bytes fast: a 64 MiB random pool XOR a key that differs for
-    every block (so no two 1 MiB blocks, hence no two chunks or small files, are equal)."""
-
-    def __init__(self, seed: int):
-        import numpy as np
-        self.np = np
-        gen = np.random.Generator(np.random.SFC64(seed))
-        self.pool = gen.integers(0, 2**63, size=(64 * MiB) // 8, dtype=np.uint64)
-        self.counter = seed * 1_000_003
-
-    def block(self, n: int) -> bytes:
-        np = self.np
-        self.counter += 1
-        words = (n + 7) // 8
-        off = (self.counter * 104_729) % (len(self.pool) - words)
-        key = np.uint64((self.counter * 0x9E3779B97F4A7C15) & (2**64 - 1))
-        return (self.pool[off:off + words] ^ key).tobytes()[:n]
-
-    def write_file(self, path: Path, size: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as f:
-            left = size
-            while left:
-                n = min(left, MiB)
-                f.write(self.block(n))
-                left -= n
 
 
 def write_seq(path: str, data: list[bytes], total: int) -> float:
@@ -264,119 +119,7 @@ def write_seq(path: str, data: list[bytes], total: int) -> float:
 
 def blob_usage(repo: Path) -> tuple[int, int]:
     """(files, bytes) under the repository's blobs/ folder."""
-    return tree_bytes(repo / "blobs")
-
-
-# ---- strata through its CLI and the mount registry -------------------------------------
-class Strata:
-    def __init__(self, work: Path, repo: str, pyspy: Path | None):
-        self.work = work
-        self.repo = repo
-        self.pyspy = pyspy
-        self.mountpoints: set[str] = set()
-
-    def cli(self, *args: str) -> tuple[float, str]:
-        t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "--repo",
-                            self.repo, *args], capture_output=True, text=True)
-        t = time.perf_counter() - t0
-        if p.returncode != 0:
-            raise RuntimeError(f"strata {' '.join(args)} failed: {p.stderr.strip()[-800:]}")
-        return t, p.stdout
-
-    def mount(self, vid: str, mp: Path) -> float:
-        mp.mkdir(parents=True, exist_ok=True)
-        self.mountpoints.add(str(mp))
-        return self.cli("mount", "--id", vid, "--writable", str(mp))[0]
-
-    def pid(self, mp: Path) -> int:
-        from strata.vfs.mount import registered
-        info = registered(str(mp))
-        if info is None:
-            raise RuntimeError(f"{mp} is not a registered strata mount")
-        return info.pid
-
-    def status(self, mp: Path) -> dict:
-        from strata.vfs.mount import control_call
-        return control_call(str(mp), "status")
-
-    def commit(self, mp: Path, *args: str) -> tuple[float, str]:
-        t, out = self.cli("commit", str(mp), *args)
-        return t, out.strip().splitlines()[-1]
-
-    def unmount(self, mp: Path) -> None:
-        if mounted(str(mp)):
-            pid = self.pid(mp)
-            subprocess.run([sys.executable, "-m", "strata.cli.main", "--quiet", "unmount",
-                            str(mp)], capture_output=True)
-            deadline = time.monotonic() + 20
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-                time.sleep(0.05)
-        force_unmount(str(mp))
-
-    @contextmanager
-    def profiled(self, mp: Path, name: str):
-        """py-spy record of the mount server while the block runs (if --pyspy)."""
-        if not self.pyspy or not shutil.which("py-spy"):
-            yield
-            return
-        self.pyspy.mkdir(parents=True, exist_ok=True)
-        out = self.pyspy / f"{name}.txt"
-        p = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid(mp)), "--rate", "200",
-                              "--format", "raw", "--threads", "--nonblocking",
-                              "-o", str(out)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(0.5)
-        try:
-            yield
-        finally:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            summarise_pyspy(out)
-
-    def cleanup(self) -> None:
-        for mp in sorted(self.mountpoints):
-            try:
-                self.unmount(Path(mp))
-            except Exception:  # noqa: BLE001 - best effort on the way out
-                force_unmount(mp)
-
-
-def summarise_pyspy(path: Path, top: int = 14) -> None:
-    """Own-time (leaf) and inclusive sample counts per function from py-spy's raw output."""
-    if not path.exists():
-        print(f"    (no py-spy output at {path})")
-        return
-    own: collections.Counter = collections.Counter()
-    incl: collections.Counter = collections.Counter()
-    total = 0
-    for line in path.read_text().splitlines():
-        stack, _, n = line.rpartition(" ")
-        if not stack or not n.isdigit():
-            continue
-        n = int(n)
-        frames = stack.split(";")
-        total += n
-        own[frames[-1]] += n
-        for fr in set(frames):
-            incl[fr] += n
-    if not total:
-        print(f"    py-spy {path.name}: no samples")
-        return
-    print(f"    py-spy {path.name}: {total} samples; top own time:")
-    for fr, n in own.most_common(top):
-        print(f"      {n / total:6.1%}  {fr[:150]}")
-    print("    top inclusive (strata frames):")
-    shown = 0
-    for fr, n in incl.most_common():
-        if any(f"({layer}/" in fr for layer in ("vfs", "storage", "catalog")):
-            print(f"      {n / total:6.1%}  {fr[:150]}")
-            shown += 1
-            if shown >= top:
-                break
+    return tree_stats(repo / "blobs")
 
 
 # ---- figures ---------------------------------------------------------------------------
@@ -395,7 +138,7 @@ QUICK = Sizes(200 * MiB, 10, 63 * KiB, 40, 200 * MiB, 4)
 
 
 class Bench:
-    def __init__(self, args, work: Path, res: Results):
+    def __init__(self, args, work: Path, res):
         self.args = args
         self.work = work
         self.res = res
@@ -403,7 +146,7 @@ class Bench:
         self.gen = Bytes(args.seed)
         self.rnd = random.Random(args.seed)
         self.repo_dir = work / "repo"
-        self.strata = Strata(work, str(self.repo_dir), Path(args.pyspy) if args.pyspy else None)
+        self.strata = Strata(Path(args.pyspy) if args.pyspy else None)
         self.src = work / "tree"                  # v1's source, then the child's local copy
         self.mp = work / "mnt"
         self.note_drop = "" if CAN_DROP else " (page cache NOT dropped: not root)"
@@ -437,7 +180,7 @@ class Bench:
             left -= n
             i += 1
         t_gen = time.perf_counter() - t0
-        files, size = tree_bytes(self.src)
+        files, size = tree_stats(self.src)
         self.tree_size = size
         t0 = time.perf_counter()
         ds = Dataset.create("tree", PROJECT, repo=str(self.repo_dir))
@@ -451,7 +194,7 @@ class Bench:
                          f"{len(self.small)} small in {sz.folders} folders; generated in "
                          f"{secs(t_gen)}, v1 built in {secs(t_build)}",
                          values={"files": files, "bytes": size, "build_s": t_build}))
-        t_mount = self.strata.mount(self.v1, self.mp)
+        t_mount = self.strata.mount(str(self.repo_dir), self.v1, self.mp, "--writable")
         self.res.add(Row("0. `strata mount --writable` of v1 (CLI start to mount ready)",
                          secs(t_mount), values={"mount_s": t_mount}))
 
@@ -489,7 +232,6 @@ class Bench:
     # -- 2: a child with 1% changed -------------------------------------------------------
     def fig2(self) -> None:
         from strata.catalog import Dataset
-        sz = self.sizes
         print("\n2. commit of a child with 1% of the bytes changed", flush=True)
         # 0.2%: whole small files replaced (same size, new bytes)
         budget = int(self.tree_size * 0.002)
@@ -556,14 +298,14 @@ class Bench:
 
         blobs_before = blob_usage(self.repo_dir)
         with self.strata.profiled(self.mp, "fig2-commit"):
-            t_commit, child = self.strata.commit(self.mp, "-m", "1% changed")
+            t_commit, child = self.commit("1% changed")
         blobs_after = blob_usage(self.repo_dir)
         rec = Dataset.get(child, repo=str(self.repo_dir)).record
         grew = blobs_after[1] - blobs_before[1]
         # the mount shows the child now: check a few bytes against the local copy
         for rel in edited + replaced[:3]:
             assert sha_file(str(self.mp / rel)) == sha_file(str(self.src / rel)), rel
-        files, size = tree_bytes(self.src)
+        files, size = tree_stats(self.src)
         assert rec.size == size and rec.files == files, (rec.size, size, rec.files, files)
         self.child = child
 
@@ -604,6 +346,12 @@ class Bench:
                          f"{(t_commit - start) / t_readd:.1%} of the re-add",
                          values={"cli_start_s": start}))
 
+    def commit(self, message: str) -> tuple[float, str]:
+        """`strata commit MOUNTPOINT` (CLI end to end); (seconds, the child's id)."""
+        t, out = self.strata.cli("--repo", str(self.repo_dir), "commit", str(self.mp),
+                                 "-m", message)
+        return t, out.strip().splitlines()[-1]
+
     def cli_start(self) -> float:
         ts = []
         for _ in range(3):
@@ -636,14 +384,14 @@ class Bench:
         assert set(kinds) == {"renamed"}, st["changes"]
         blobs_before = blob_usage(self.repo_dir)
         with self.strata.profiled(self.mp, "fig3-commit"):
-            t_commit, child = self.strata.commit(self.mp, "-m", "renames only")
+            t_commit, child = self.commit("renames only")
         blobs_after = blob_usage(self.repo_dir)
         rec = Dataset.get(child, repo=str(self.repo_dir)).record
         assert sha_file(str(self.mp / "big05-moved.bin")) == \
             sha_file(str(self.src / "big05-moved.bin"))
         assert sorted(os.listdir(self.mp / "small/d005-renamed")) == \
             sorted(os.listdir(self.src / "small/d005-renamed"))
-        files, size = tree_bytes(self.src)
+        files, size = tree_stats(self.src)
         assert rec.size == size and rec.files == files, (rec.size, size, rec.files, files)
         grew = (blobs_after[0] - blobs_before[0], blobs_after[1] - blobs_before[1])
         ok = rec.uploaded_bytes == 0 and grew == (0, 0)
@@ -761,39 +509,10 @@ class Bench:
 
 
 # ---- the binding's ceiling: a minimal read-write passthrough -----------------------------
-def wait_mounted(mp: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if mounted(mp):
-            try:
-                os.listdir(mp)
-                return
-            except OSError:
-                pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"passthrough at {mp} exited with {proc.returncode}")
-        time.sleep(0.05)
-    raise RuntimeError(f"{mp} did not mount within {timeout} s")
-
-
-@contextmanager
 def passthrough_mount(src: Path, mp: Path, work: Path, keep_cache: bool):
-    mp.mkdir(parents=True, exist_ok=True)
-    log = open(work / "passthrough.log", "ab")
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--passthrough",
-                             str(src), str(mp)] + (["--keep-cache"] if keep_cache else []),
-                            stdout=log, stderr=log, start_new_session=True)
-    try:
-        wait_mounted(str(mp), proc)
-        yield proc
-    finally:
-        force_unmount(str(mp))
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
+    return fuse_process([sys.executable, os.path.abspath(__file__), "--passthrough", str(src),
+                         str(mp)] + (["--keep-cache"] if keep_cache else []),
+                        mp, work / "passthrough.log")
 
 
 def serve_passthrough(src: str, mp: str, keep_cache: bool) -> None:
@@ -812,16 +531,14 @@ def serve_passthrough(src: str, mp: str, keep_cache: bool) -> None:
         use_ns = True
 
         def init(self, path):
-            threading.Thread(target=raise_ra, daemon=True).start()
+            threading.Thread(target=raise_readahead, args=(mp,), daemon=True).start()
 
         def getattr(self, path, fh=None):
             try:
                 st = os.lstat(src + path)
             except OSError as e:
                 fail(e)
-            return {"st_mode": st.st_mode, "st_size": st.st_size, "st_nlink": st.st_nlink,
-                    "st_uid": st.st_uid, "st_gid": st.st_gid, "st_mtime": st.st_mtime_ns,
-                    "st_ctime": st.st_mtime_ns, "st_atime": st.st_mtime_ns}
+            return fuse_attrs(st)
 
         def readdir(self, path, fh):
             return [".", ".."] + os.listdir(src + path)
@@ -870,31 +587,9 @@ def serve_passthrough(src: str, mp: str, keep_cache: bool) -> None:
         def getxattr(self, path, name, position=0):
             raise mfusepy.FuseOSError(errno.ENODATA)
 
-    def raise_ra() -> None:
-        os.stat(mp)
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if fields[4] == os.path.abspath(mp):
-                    with open(f"/sys/class/bdi/{fields[2]}/read_ahead_kb", "w") as ra:
-                        ra.write("1024")
-
     mfusepy.FUSE(Passthrough(), mp, raw_fi=True, foreground=True, default_permissions=True,
                  max_idle_threads=16, attr_timeout=1.0, entry_timeout=1.0,
                  negative_timeout=0.0)
-
-
-def machine_meta(args) -> dict:
-    mem = 0
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        pass
-    from importlib.metadata import version
-    return {"cores": os.cpu_count(), "memory_gib": round(mem / GiB, 1),
-            "kernel": platform.release(), "python": platform.python_version(),
-            "mfusepy": version("mfusepy"), "quick": args.quick,
-            "page_cache_dropped": CAN_DROP, "loadavg_start": loadavg()}
 
 
 def main(argv=None) -> int:
@@ -916,31 +611,13 @@ def main(argv=None) -> int:
         serve_passthrough(*args.passthrough, args.keep_cache)
         return 0
 
-    work = Path(tempfile.mkdtemp(prefix="strata-bench-overlay-", dir=args.workdir))
-    isolate(work)
-    sys.path.insert(0, str(ROOT))  # noqa - strata is installed; this only helps a bare checkout
-    res = Results()
-    res.meta = machine_meta(args)
-    print(f"work folder {work}; {res.meta['cores']} cores, {res.meta['memory_gib']} GiB; "
-          f"load {res.meta['loadavg_start']}; page cache drops: {CAN_DROP}", flush=True)
-    t0 = time.perf_counter()
-    bench = Bench(args, work, res)
-    try:
-        bench.run()
-    finally:
-        res.meta["loadavg_end"] = loadavg()
-        res.meta["seconds"] = round(time.perf_counter() - t0, 1)
-        if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
-    print(f"\nWritable mounts ({'--quick' if args.quick else 'full'} run, "
-          f"{res.meta['seconds']:.0f} s, {res.meta['cores']} cores, load "
-          f"{res.meta['loadavg_start']} -> {res.meta['loadavg_end']}):\n")
-    print(res.markdown())
-    if args.out:
-        Path(args.out).write_text(json.dumps({"meta": res.meta,
-                                              "rows": [asdict(r) for r in res.rows]},
-                                             indent=1))
-    return 0 if all(r.ok is not False for r in res.rows) else 1
+    def isolate_env(work: Path) -> None:
+        run = work / "run"
+        run.mkdir(mode=0o700)
+        isolate(work, XDG_RUNTIME_DIR=str(run))
+
+    return run_bench("Writable mounts", "strata-bench-overlay-", args, isolate_env,
+                     lambda work, res: Bench(args, work, res).run())
 
 
 if __name__ == "__main__":

@@ -35,13 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STRATA = [sys.executable, "-m", "strata.cli.main", "--quiet"]
-
-
-def mounted(path: Path) -> bool:
-    target = str(path).encode()
-    with open("/proc/self/mountinfo", "rb") as f:
-        return any(line.split()[4] == target for line in f)
+from benchlib import STRATA_CLI, force_unmount
 
 
 class Variant:
@@ -64,7 +58,7 @@ class Variant:
         if cache is not None:
             env["STRATA_CACHE_DIR"] = str(cache)
         t0 = time.perf_counter()
-        p = subprocess.run([*STRATA, *args], env=env, capture_output=True, text=True,
+        p = subprocess.run([*STRATA_CLI, *args], env=env, capture_output=True, text=True,
                            stdin=subprocess.DEVNULL)
         t = time.perf_counter() - t0
         if p.returncode != 0:
@@ -79,8 +73,7 @@ class Variant:
 
     def unmount(self, mnt: Path) -> None:
         self.run("unmount", str(mnt))
-        if mounted(mnt):
-            subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+        force_unmount(str(mnt))
 
 
 def build_version(repo: str, env: dict) -> str:
@@ -155,7 +148,7 @@ def main() -> int:
             variants.insert(0, Variant("base", work / "before", os.path.abspath(a.base)))
         repo = str(work / "repo" / "r")
         Path(repo).mkdir(parents=True)
-        subprocess.run([*STRATA, "repo", "init", repo], env=variants[-1].env, check=True,
+        subprocess.run([*STRATA_CLI, "repo", "init", repo], env=variants[-1].env, check=True,
                        capture_output=True)
         vid = build_version(repo, variants[-1].env)
         figures: dict = {}
@@ -175,8 +168,8 @@ def main() -> int:
         return 0
     finally:
         for path in work.rglob("*mnt*"):
-            if path.is_dir() and mounted(path):
-                subprocess.run(["fusermount3", "-uz", str(path)], capture_output=True)
+            if path.is_dir():
+                force_unmount(str(path))
         shutil.rmtree(work, ignore_errors=True)
 
 
