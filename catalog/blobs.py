@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 from strata.catalog.errors import SourceChanged, WrongState
-from strata.catalog.manifest import Entry
+from strata.catalog.manifest import Entry, chunk_ids
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.storage.errors import Corrupt
 
@@ -144,11 +144,19 @@ def _open_source(s: Staged) -> tuple[int, bool]:
         fd = os.open(s.source, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise _changed(s, "vanished") from None
-    st = os.fstat(fd)
-    if st.st_size != s.size:
+    try:
+        return fd, _unchanged(s, os.fstat(fd))
+    except SourceChanged:
         os.close(fd)
+        raise
+
+
+def _unchanged(s: Staged, st: os.stat_result) -> bool:
+    """Refuses a staged file whose size changed; True if its stamp shows it unchanged
+    since it was hashed (else only hashing it again can tell)."""
+    if st.st_size != s.size:
         raise _changed(s, "changed size")
-    return fd, s.stamp is not None and stamp_of(st) == s.stamp
+    return s.stamp is not None and stamp_of(st) == s.stamp
 
 
 def _read_small(s: Staged) -> bytes:
@@ -271,9 +279,7 @@ def check_stored(repo, stored: list[tuple[Staged, str | None, int]],
             st = os.stat(s.source)
         except FileNotFoundError:
             raise _changed(s, "vanished") from None
-        if st.st_size != s.size:
-            raise _changed(s, "changed size")
-        if s.stamp is None or stamp_of(st) != s.stamp:
+        if not _unchanged(s, st):
             fresh.append(s)
     if fresh:
         progress.start("checking", sum(s.size for s in fresh))
@@ -291,8 +297,7 @@ def check_stored(repo, stored: list[tuple[Staged, str | None, int]],
 
     missing = []
     for s, pack, _ in stored:
-        blobs_of = ([pack] if pack else []) if s.chunks is None else \
-            [s.chunks[i:i + 32].hex() for i in range(0, len(s.chunks), 32)]
+        blobs_of = ([pack] if pack else []) if s.chunks is None else chunk_ids(s.chunks)
         if not all(have(b) for b in blobs_of):
             missing.append(s)
     return missing

@@ -355,8 +355,8 @@ class Dataset:
                 continue  # the mtime+size shortcut: unchanged, not rehashed
             to_hash.append(c)
         store = self.repo.stores_on_add
-        progress.start("hashing and storing" if store else "hashing",
-                       sum(c.size for c in to_hash))
+        total = sum(c.size for c in to_hash)
+        progress.start("hashing and storing" if store else "hashing", total)
         dedup = self._stored_small_files(d) if store else {}
         claimed: set[str] = set()
         lock = threading.Lock()
@@ -383,7 +383,7 @@ class Dataset:
         batches = (_batches(to_hash, 512, self.repo.pack_size) if store
                    else _batches(to_hash))
         large = sum(c.size for c in to_hash if c.size >= self.repo.chunk_size)
-        mostly_large = 2 * large >= sum(c.size for c in to_hash)
+        mostly_large = 2 * large >= total
         with ThreadPoolExecutor(STORE_WORKERS if store and mostly_large else HASH_WORKERS,
                                 thread_name_prefix="strata-hash") as pool:
             results = (item for batch in pool.map(digest, batches) for item in batch)

@@ -48,6 +48,12 @@ CREATE INDEX dirs_parent ON dirs(parent, name);
 FILE_COLUMNS = "path, kind, size, sha256, mode, mtime_ns, pack, offset, chunks, target"
 
 
+def chunk_ids(chunks: bytes | None) -> list[str]:
+    """The blob ids in a file's `chunks` column (its chunk digests, 32 bytes each)."""
+    c = chunks or b""
+    return [c[i:i + 32].hex() for i in range(0, len(c), 32)]
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """A file, symlink or external link of a version. `version` is the id of the version
@@ -66,8 +72,7 @@ class Entry:
 
     @property
     def chunk_ids(self) -> list[str]:
-        c = self.chunks or b""
-        return [c[i:i + 32].hex() for i in range(0, len(c), 32)]
+        return chunk_ids(self.chunks)
 
     def blob_ids(self) -> list[str]:
         if self.pack:
@@ -210,7 +215,7 @@ class Manifest:
             if pack:
                 out.add(pack)
             elif chunks:
-                out.update(chunks[i:i + 32].hex() for i in range(0, len(chunks), 32))
+                out.update(chunk_ids(chunks))
         return out
 
     def count(self) -> int:

@@ -103,7 +103,7 @@ class Overlay:
         self.db.executescript(SCHEMA)
         # upper name -> (chunk size, chunks written since copy-up), for copied-up files
         self._dirty: dict[str, tuple[int, set[int]]] = {
-            upper: (size, set()) for upper, size in
+            upper: (chunk_size, set()) for upper, chunk_size in
             self.db.execute("SELECT upper, chunk_size FROM copied")}
         for upper, chunk in self.db.execute("SELECT upper, chunk FROM dirty"):
             self._dirty[upper][1].add(chunk)
