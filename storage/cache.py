@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from strata.storage import directio
 from strata.storage.errors import Corrupt
 
 log = logging.getLogger("strata.cache")
@@ -432,9 +433,12 @@ class UnitCache:
         self._db().execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
                            (unit, len(data), time.time()))
         tmp = path.parent / f".{unit}.{os.getpid()}.{threading.get_ident()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        try:
+            os.close(directio.create(str(tmp), data, exclusive=False))  # past the page cache
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         with self._lock:
             self._since_check += len(data)
             check = self._since_check >= max(1, min(self.limit // 16, 64 << 20))

@@ -46,6 +46,7 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
+from strata.storage import directio
 from strata.storage.base import ObjectInfo, check_range_args, check_write_args
 from strata.storage.errors import (
     InvalidKey,
@@ -239,21 +240,22 @@ class LocalStorage:
             os.makedirs(folder, exist_ok=True)
             try:
                 # O_EXCL with a random name; mode 0o666 so the umask decides, as for any file.
-                fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                # Large data goes past the page cache (directio), already on the device.
+                fd = directio.create(temp, data)
                 break
             except FileNotFoundError:
                 if attempt == _CREATE_ATTEMPTS - 1:
                     raise  # a delete keeps pruning the folder we create
+            except BaseException:
+                _unlink_quietly(temp)
+                raise
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
             now = time.time_ns()
             os.utime(fd, ns=(now, now))
             if fsync:
                 os.fsync(fd)  # an "existing" blob is trusted as uploaded, so it must be whole
             else:
-                start_writeback(fd)
+                start_writeback(fd)   # nothing left to write if the bytes went direct
             etag = _etag(os.fstat(fd))  # link and replace keep inode, mtime and size
         except BaseException:
             os.close(fd)
