@@ -18,6 +18,7 @@ unmounting are in strata.vfs.registry.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import logging
 import os
@@ -102,6 +103,7 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
     given). `checked`: the starter has just cleaned a stale mount and checked the
     mountpoint, so that is not done again."""
     from strata.vfs.fuse import FuseOperations, serve   # the only import of the binding
+    _keep_freed_memory()
     mountpoint = os.path.abspath(mountpoint)
     if not checked:
         message = clean_stale(mountpoint)
@@ -159,6 +161,26 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
         cache.close()
         unregister(mountpoint)
         log.info("unmounted %s", mountpoint)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # <malloc.h>
+
+
+def _keep_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for reuse. Every fetched chunk is a new 8 MiB
+    buffer; by default glibc returns freed blocks this large to the kernel at once, so the
+    next download faults in and zeroes fresh pages: a third of the mount's CPU during a
+    cold S3 read (perf), 3.3 -> 2.3 CPU seconds per GiB with this. Retained memory is
+    bounded by the readahead window and the in-memory hot map, as before; the trim
+    threshold still returns a larger surplus. Only the mount server does this (it runs in
+    a process of its own)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return   # not glibc
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt(_M_MMAP_THRESHOLD, 32 << 20)    # glibc's maximum; chunks come from the heap
+    mallopt(_M_TRIM_THRESHOLD, 256 << 20)
 
 
 def _signal_ready(fd: int) -> None:
