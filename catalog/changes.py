@@ -44,6 +44,12 @@ def stage_changes(ds: Dataset, changes: ChangeSet, progress: Progress = NO_PROGR
     d = ds._require_draft("commit changes")
     for p in changes.removed:
         paths.clean(p)
+    # every question staging asks is about these paths: read only them from the parent
+    named = [p for p, _ in changes.files] + [e.path for e in changes.refs] + \
+        [p for p, _, _ in changes.links]
+    ds._limit_views(
+        exact={a for p in named for a in (p, *paths.ancestors(p))} | set(changes.removed),
+        folders=set(named) | set(changes.removed))
     if changes.removed:
         d.remove(sorted(set(changes.removed)))
     rows = []

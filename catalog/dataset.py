@@ -25,7 +25,7 @@ from strata.catalog.sources import Candidate, collect, patterns_of
 from strata.catalog import draft as drafts
 from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, SourceMissing,
                                    UnknownVersion, WrongState)
-from strata.catalog.merge import MergedView, merge_parents, merged
+from strata.catalog.merge import MergedView, Scope, ancestry, merge_parents, merged
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, bump_patch, check_label, highest
 from strata.catalog.repo import Repository
@@ -60,6 +60,7 @@ class Dataset:
         self._draft = draft
         self._view: MergedView | None = None
         self._parent_view: MergedView | None = None
+        self._scope: Scope | None = None   # see _limit_views
 
     # ---- identity ------------------------------------------------------------------
     @property
@@ -198,8 +199,23 @@ class Dataset:
     # ---- views ---------------------------------------------------------------------
     def parent_view(self) -> MergedView:
         if self._parent_view is None:
-            self._parent_view = merge_parents(self.repo, self.parents)
+            self._parent_view = merge_parents(self.repo, self.parents, self._scope)
         return self._parent_view
+
+    def _limit_views(self, exact=(), folders=()) -> None:
+        """Let this draft's views (parent_view, view) hold only the paths `exact`, the
+        trees below `folders` and what earlier calls named, until finalize: for staging
+        an exact change-set (a commit), where every question the staging asks is about a
+        path it names, and reading the whole merged tree would cost more than the change."""
+        scope = (self._scope or Scope()).widen(exact, folders)
+        if scope != self._scope:
+            self._scope = scope
+            self._parent_view = self._view = None
+
+    def _unlimit_views(self) -> None:
+        if self._scope is not None:
+            self._scope = None
+            self._parent_view = self._view = None
 
     def view(self) -> MergedView:
         """The merged tree of this version (for a draft: parents plus pending changes)."""
@@ -423,7 +439,7 @@ class Dataset:
         file or folder under what was a parent's file removes that file. Without the
         removal, the merge would show a file and a folder of one name."""
         parent = self.parent_view()
-        if not parent.files or not (files or folders):
+        if not (parent.files or parent.dirs) or not (files or folders):
             return
         gone = {p for p in folders if p in parent.files}
         if files:
@@ -466,9 +482,20 @@ class Dataset:
         """sha256 -> (pack, offset) of every small file the parents or this draft stored:
         a file with those bytes is placed there, not stored again."""
         dedup: dict[str, tuple[str, int]] = {}
-        for e in self.parent_view().files.values():
-            if e.pack and e.sha256:
-                dedup.setdefault(e.sha256, (e.pack, e.offset))
+        if self._scope is None:
+            for e in self.parent_view().files.values():
+                if e.pack and e.sha256:
+                    dedup.setdefault(e.sha256, (e.pack, e.offset))
+        else:   # any ancestor's pack holds the bytes (ancestors are kept): no merge needed
+            chain: dict[str, tuple[str, ...]] = {}
+            for pid in self.parents:
+                chain.update(ancestry(self.repo, pid))
+            for vid in chain:
+                rec = self.repo.record(vid)
+                for sha, pack, offset in self.repo.manifest(rec.id, rec.manifest_sha256) \
+                        .packed():
+                    if sha:
+                        dedup.setdefault(sha, (pack, offset))
         for sha, pack, offset in d.db.execute(
                 "SELECT sha256, pack, offset FROM entries WHERE pack IS NOT NULL"):
             dedup.setdefault(sha, (pack, offset))
@@ -490,6 +517,7 @@ class Dataset:
         d.destroy()
         self._draft = None
         self._record = existing
+        self._unlimit_views()
         self._changed()
         config.remember_last(self.repo.url, self.id)
         return True
@@ -499,15 +527,28 @@ class Dataset:
         f = d.fields
         local = str(d.path) + ".manifest"
         entries = list(d.entries())
-        manifest_mod.write(local, self.id, entries, d.removed(), d.dirs())
+        gone = d.removed()
+        manifest_mod.write(local, self.id, entries, gone, d.dirs())
         sha = self.repo.put_manifest(self.id, local)
         os.unlink(local)
+        # within a scope the totals are the single parent's, corrected by what changed
+        base = None
+        if self._scope is not None and len(self.parents) == 1:
+            self._limit_views([e.path for e in entries] + gone, gone)
+            base = self.repo.record(self.parents[0])
+        else:
+            self._unlimit_views()
         parent = self.parent_view()
         view = parent.copy()
-        view.apply(d.removed(), entries, d.dirs())
+        view.apply(gone, entries, d.dirs())
         added = sum(1 for e in entries if e.path not in parent.files)
         modified = sum(1 for e in entries if e.path in parent.files)
         removed = sum(1 for p in parent.files if p not in view.files)
+        files = len(view.files)
+        size = sum(e.size for e in view.files.values())
+        if base is not None:
+            files += base.files - len(parent.files)
+            size += base.size - sum(e.size for e in parent.files.values())
         label = f["version"]
         # a label taken meanwhile (even an explicit one) gives way to the next patch
         while not self.repo.claim_label(f["project"], f["name"], label, self.id):
@@ -517,8 +558,7 @@ class Dataset:
             parents=tuple(f.get("parents", ())), state="final", tags=tuple(f.get("tags", ())),
             description=f.get("description", ""), metadata=f.get("metadata", {}),
             created=f.get("created", time.time()), user=f.get("user", ""),
-            manifest_sha256=sha, files=len(view.files),
-            size=sum(e.size for e in view.files.values()), added=added, modified=modified,
+            manifest_sha256=sha, files=files, size=size, added=added, modified=modified,
             removed=removed, uploaded_bytes=f.get("uploaded_bytes", 0))
         try:
             self.repo.create_record(rec)
@@ -617,7 +657,6 @@ class Dataset:
         return self if dataset_id in (None, self.id) else Dataset.get(dataset_id, repo=self.repo)
 
     def get_dependency_graph(self) -> dict[str, list[str]]:
-        from strata.catalog.merge import ancestry
         if self._record:
             return {k: list(v) for k, v in ancestry(self.repo, self.id).items()}
         graph = {self.id: self.parents}
