@@ -492,10 +492,8 @@ class Dataset:
                 chain.update(ancestry(self.repo, pid))
             for vid in chain:
                 rec = self.repo.record(vid)
-                for sha, pack, offset in self.repo.manifest(rec.id, rec.manifest_sha256) \
-                        .packed():
-                    if sha:
-                        dedup.setdefault(sha, (pack, offset))
+                m = self.repo.manifest(rec.id, rec.manifest_sha256)
+                dedup.update({sha: (pack, offset) for sha, pack, offset in m.packed()})
         for sha, pack, offset in d.db.execute(
                 "SELECT sha256, pack, offset FROM entries WHERE pack IS NOT NULL"):
             dedup.setdefault(sha, (pack, offset))

@@ -234,7 +234,8 @@ class Manifest:
 
     def packed(self) -> Iterator[tuple[str, str, int]]:
         """(sha256, pack, offset) of every file stored in a pack."""
-        return self.db.execute("SELECT sha256, pack, offset FROM files WHERE pack IS NOT NULL")
+        return self.db.execute("SELECT sha256, pack, offset FROM files "
+                               "WHERE pack IS NOT NULL AND sha256 IS NOT NULL")
 
     def dirs(self, explicit_only: bool = False) -> Iterator[DirEntry]:
         q = "SELECT path, mode, mtime_ns, explicit FROM dirs"

@@ -336,7 +336,7 @@ class Strata:
             return
         self.pyspy.mkdir(parents=True, exist_ok=True)
         out = self.pyspy / f"{name}.txt"
-        p = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid(mp)), "--rate", "200",
+        p = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid(mp)), "--rate", os.environ.get("PYSPY_RATE", "200"),
                               "--format", "raw", "--threads", "--nonblocking",
                               "-o", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
