@@ -42,14 +42,19 @@ def enabled() -> bool:
                                                                                  "false")
 
 
-def create(path: str, data: bytes | bytearray | memoryview, *, exclusive: bool = True,
+Buffer = bytes | bytearray | memoryview
+
+
+def create(path: str, data: Buffer | list[Buffer], *, exclusive: bool = True,
            mode: int = 0o666) -> int:
-    """Create the file `path` holding `data` and return its descriptor, open for writing
-    (the caller sets times, fsyncs, closes). Large data bypasses the page cache where the
-    filesystem allows it. On an error nothing is left open; the caller removes the file."""
+    """Create the file `path` holding `data` (one buffer, or a list of them written one
+    after the other) and return its descriptor, open for writing (the caller sets times,
+    fsyncs, closes). Large data bypasses the page cache where the filesystem allows it.
+    On an error nothing is left open; the caller removes the file."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    view = memoryview(data).cast("B")
-    direct = len(view) >= MIN_DIRECT and enabled() and not _refused_here(path)
+    parts = [memoryview(p).cast("B") for p in (data if isinstance(data, list) else [data])]
+    total = sum(len(p) for p in parts)
+    direct = total >= MIN_DIRECT and enabled() and not _refused_here(path)
     try:
         fd = os.open(path, flags | (_O_DIRECT if direct else 0), mode)
     except OSError as exc:
@@ -60,8 +65,9 @@ def create(path: str, data: bytes | bytearray | memoryview, *, exclusive: bool =
         direct = False
         fd = os.open(path, (flags & ~os.O_EXCL) | os.O_TRUNC, mode)
     try:
-        if not (direct and _write_direct(fd, view, path)):
-            _write_buffered(fd, view)
+        if not (direct and _write_direct(fd, parts, total)):
+            for view in parts:
+                _write_buffered(fd, view)
     except BaseException:
         os.close(fd)
         raise
@@ -89,24 +95,29 @@ def _buffer() -> mmap.mmap:
     return buf
 
 
-def _write_direct(fd: int, view: memoryview, path: str) -> bool:
-    """Write `view` at offset 0 with O_DIRECT. False if the filesystem refused it (the
-    descriptor is then switched back to buffered writes, at offset 0, file empty)."""
+def _write_direct(fd: int, parts: list[memoryview], total: int) -> bool:
+    """Write the parts one after the other from offset 0 with O_DIRECT. False if the
+    filesystem refused it (the descriptor is then switched back to buffered writes, at
+    offset 0, file empty)."""
     buf = _buffer()
-    total = len(view)
-    done = 0
+    done = 0     # bytes written to the file
+    filled = 0   # bytes waiting in the buffer
     try:
-        while done < total:
-            n = min(PIECE, total - done)
-            buf[:n] = view[done:done + n]
-            padded = -(-n // ALIGN) * ALIGN
-            if padded != n:
-                buf[n:padded] = bytes(padded - n)
-            written = 0
-            while written < padded:
-                # a short direct write ends on a block boundary; go on from there
-                written += os.pwrite(fd, memoryview(buf)[written:padded], done + written)
-            done += n
+        for part in parts:
+            at = 0
+            while at < len(part):
+                n = min(PIECE - filled, len(part) - at)
+                buf[filled:filled + n] = part[at:at + n]
+                filled += n
+                at += n
+                if filled == PIECE:
+                    _pwrite_aligned(fd, buf, PIECE, done)
+                    done += PIECE
+                    filled = 0
+        if filled:
+            padded = -(-filled // ALIGN) * ALIGN
+            buf[filled:padded] = bytes(padded - filled)
+            _pwrite_aligned(fd, buf, padded, done)
     except OSError as exc:
         if exc.errno != errno.EINVAL or done:
             raise
@@ -115,6 +126,13 @@ def _write_direct(fd: int, view: memoryview, path: str) -> bool:
     if total % ALIGN:
         os.ftruncate(fd, total)
     return True
+
+
+def _pwrite_aligned(fd: int, buf: mmap.mmap, length: int, offset: int) -> None:
+    written = 0
+    while written < length:
+        # a short direct write ends on a block boundary; go on from there
+        written += os.pwrite(fd, memoryview(buf)[written:length], offset + written)
 
 
 def _refuse(fd: int) -> None:

@@ -76,6 +76,23 @@ def test_local_copy_is_read_only_and_shares_bytes(tmp_path, repo_url):
     assert a.get_local_copy() == pa
 
 
+def test_local_copy_of_many_twins_and_small_files(tmp_path, repo_url, monkeypatch):
+    """Identical files become links to one object, fetched once; more small files than
+    one span holds are all there, whole (spans are cut by count to spread the work)."""
+    twin = os.urandom(5000)
+    files = {f"twin{i}": twin for i in range(5)}
+    files.update({f"d/f{i:04}": os.urandom(10 + i % 50) for i in range(600)})
+    ds = simple(repo_url, tmp_path / "s", files)
+    reads = []
+    real = ds.repo.read_blob
+    monkeypatch.setattr(ds.repo, "read_blob",
+                        lambda *a, **k: reads.append(a) or real(*a, **k))
+    out = ds.get_local_copy()
+    assert tree(out) == {k: v for k, v in files.items()}
+    assert len({os.stat(os.path.join(out, f"twin{i}")).st_ino for i in range(5)}) == 1
+    assert len(reads) >= 3   # 605 small files: more than one span of 256
+
+
 def test_parts_partition_the_files(tmp_path, repo_url):
     files = {f"f{i:02}": os.urandom(100 * (i + 1)) for i in range(30)}
     ds = simple(repo_url, tmp_path / "s", files)

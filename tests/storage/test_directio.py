@@ -40,6 +40,14 @@ def test_round_trip_any_size(tmp_path, size):
     assert (tmp_path / "f").read_bytes() == data
 
 
+@pytest.mark.parametrize("cuts", [[0], [1], [4095, 4097], [directio.PIECE - 1, 2],
+                                  [directio.PIECE, directio.PIECE], [10, 3 << 20, 7]])
+def test_a_list_of_parts_is_written_in_order(tmp_path, cuts):
+    parts = [os.urandom(n) for n in cuts] + [os.urandom(directio.MIN_DIRECT)]
+    os.close(directio.create(str(tmp_path / "f"), parts))
+    assert (tmp_path / "f").read_bytes() == b"".join(parts)
+
+
 def test_large_writes_go_direct_small_ones_do_not(tmp_path, opened):
     os.close(directio.create(str(tmp_path / "small"), b"x" * 1000))
     assert not _direct(opened)
