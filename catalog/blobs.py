@@ -60,19 +60,25 @@ def stamp_of(st: os.stat_result) -> str:
     return f"{st.st_ino:x}:{st.st_ctime_ns:x}:{st.st_size:x}"
 
 
+class HashStopped(Exception):
+    """hash_file gave up because its `stop` said so."""
+
+
 def hash_file(path: str, chunk_size: int, *, frozen: bool = False,
-              known: dict[int, bytes] | None = None) -> FileHash:
+              known: dict[int, bytes] | None = None,
+              stop: Callable[[], bool] | None = None) -> FileHash:
     """sha256 of the whole file and, for large files, of each chunk, in one read pass.
     `frozen`: the caller guarantees nothing writes the file any more (a frozen overlay
     generation), so it gets a stamp however fresh it is. `known`: digests of whole chunks
     the caller knows (chunk index -> digest; a copied-up file's untouched chunks): used
-    instead of hashing those chunks, which are stored already."""
-    return _hash(path, chunk_size, frozen=frozen, known=known)[0]
+    instead of hashing those chunks, which are stored already. `stop`: asked before each
+    chunk; True raises HashStopped (a background hash whose file changed or went away)."""
+    return _hash(path, chunk_size, frozen=frozen, known=known, stop=stop)[0]
 
 
 def _hash(path: str, chunk_size: int, on_chunk: Callable[[bytes, bytes], None] | None = None,
-          *, frozen: bool = False, known: dict[int, bytes] | None = None
-          ) -> tuple[FileHash, bytes | None]:
+          *, frozen: bool = False, known: dict[int, bytes] | None = None,
+          stop: Callable[[], bool] | None = None) -> tuple[FileHash, bytes | None]:
     """hash_file, also returning a small file's bytes; `on_chunk(digest, bytes)` sees each
     chunk of a large file as it is hashed."""
     whole = hashlib.sha256()
@@ -92,6 +98,8 @@ def _hash(path: str, chunk_size: int, on_chunk: Callable[[bytes, bytes], None] |
         digests = bytearray()
         total = 0
         while True:
+            if stop is not None and stop():
+                raise HashStopped(path)
             chunk = _pread_exact(fd, total, chunk_size)
             if not chunk:
                 break

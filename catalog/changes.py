@@ -32,6 +32,8 @@ class ChangeSet:
     # local file -> {chunk index: digest} of chunks known unchanged (a copied-up file's
     # untouched chunks): reused, not hashed again
     known: dict[str, dict[int, bytes]] = field(default_factory=dict)
+    # local file -> (size, sha256, chunk digests) already computed for its current bytes
+    hashed: dict[str, tuple[int, str, bytes | None]] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (self.files or self.refs or self.links or self.dirs or self.removed)
@@ -75,7 +77,8 @@ def stage_changes(ds: Dataset, changes: ChangeSet, progress: Progress = NO_PROGR
             raise SourceMissing(f"{local} (for {path}) vanished before the commit") from None
         cands.append(Candidate(paths.clean(path), local, "f", st.st_size,
                                stat_mod.S_IMODE(st.st_mode), st.st_mtime_ns,
-                               known=changes.known.get(local)))
+                               known=changes.known.get(local),
+                               hashed=changes.hashed.get(local)))
     if cands:
         ds._stage(d, cands, progress, frozen=True)
 

@@ -370,6 +370,11 @@ class Dataset:
                     and cur.mtime_ns == c.mtime_ns and cur.mode == c.mode):
                 continue  # the mtime+size shortcut: unchanged, not rehashed
             to_hash.append(c)
+        # files whose hash the caller knows (frozen, so it still holds): not read here;
+        # upload stores the chunks that are missing
+        known = [c for c in to_hash if c.hashed is not None and c.hashed[0] == c.size]
+        if known:
+            to_hash = [c for c in to_hash if c.hashed is None or c.hashed[0] != c.size]
         store = self.repo.stores_on_add
         total = sum(c.size for c in to_hash)
         progress.start("hashing and storing" if store else "hashing", total)
@@ -402,7 +407,10 @@ class Dataset:
         mostly_large = 2 * large >= total
         with ThreadPoolExecutor(STORE_WORKERS if store and mostly_large else HASH_WORKERS,
                                 thread_name_prefix="strata-hash") as pool:
-            results = (item for batch in pool.map(digest, batches) for item in batch)
+            results = itertools.chain(
+                ((c, blobs.FileHash(c.size, c.hashed[1], c.hashed[2],
+                                    blobs.stamp_of(os.stat(c.source))), None) for c in known),
+                (item for batch in pool.map(digest, batches) for item in batch))
             for c, h, where in results:
                 cur = view.files.get(c.path)
                 pe = parent.files.get(c.path)
@@ -479,21 +487,15 @@ class Dataset:
         return written
 
     def _stored_small_files(self, d: drafts.Draft) -> dict[str, tuple[str, int]]:
-        """sha256 -> (pack, offset) of every small file the parents or this draft stored:
-        a file with those bytes is placed there, not stored again."""
+        """sha256 -> (pack, offset) of every small file the parents (within the views'
+        scope, if limited) or this draft stored: a file with those bytes is placed there,
+        not stored again. A scoped commit thus finds the bytes of the paths it touches
+        (a file rewritten with its old bytes), not a copy of another file of the tree:
+        storing a small file's bytes again costs less than reading the whole tree."""
         dedup: dict[str, tuple[str, int]] = {}
-        if self._scope is None:
-            for e in self.parent_view().files.values():
-                if e.pack and e.sha256:
-                    dedup.setdefault(e.sha256, (e.pack, e.offset))
-        else:   # any ancestor's pack holds the bytes (ancestors are kept): no merge needed
-            chain: dict[str, tuple[str, ...]] = {}
-            for pid in self.parents:
-                chain.update(ancestry(self.repo, pid))
-            for vid in chain:
-                rec = self.repo.record(vid)
-                m = self.repo.manifest(rec.id, rec.manifest_sha256)
-                dedup.update({sha: (pack, offset) for sha, pack, offset in m.packed()})
+        for e in self.parent_view().files.values():
+            if e.pack and e.sha256:
+                dedup.setdefault(e.sha256, (e.pack, e.offset))
         for sha, pack, offset in d.db.execute(
                 "SELECT sha256, pack, offset FROM entries WHERE pack IS NOT NULL"):
             dedup.setdefault(sha, (pack, offset))

@@ -232,11 +232,6 @@ class Manifest:
             yield from self.db.execute(f"{select}{where}path > ? AND path < ?",
                                        (folder + "/", folder + "0"))
 
-    def packed(self) -> Iterator[tuple[str, str, int]]:
-        """(sha256, pack, offset) of every file stored in a pack."""
-        return self.db.execute("SELECT sha256, pack, offset FROM files "
-                               "WHERE pack IS NOT NULL AND sha256 IS NOT NULL")
-
     def dirs(self, explicit_only: bool = False) -> Iterator[DirEntry]:
         q = "SELECT path, mode, mtime_ns, explicit FROM dirs"
         if explicit_only:

@@ -27,6 +27,9 @@ class Candidate:
     mtime_ns: int
     target: str | None = None
     known: dict[int, bytes] | None = None   # chunk index -> digest known unchanged
+    # (size, sha256, chunk digests) known for the whole file as it is now (a frozen
+    # overlay file hashed after its last writer closed it): used instead of hashing it
+    hashed: tuple[int, str, bytes | None] | None = None
 
 
 def patterns_of(wildcard) -> list[str]:

@@ -44,6 +44,7 @@ class Handle:
     fd: int | None = None       # an upper file (writable mounts)
     upper: str | None = None    # the upper file `fd` is open on
     writable: bool = False
+    wrote: bool = False         # a write or truncate went through this handle
 
 
 @dataclass
@@ -270,6 +271,12 @@ class Filesystem:
                 h.stream.close()
                 if h.fd is not None:
                     os.close(h.fd)
+                if h.wrote and not self._writers_of(h.upper):
+                    self.view.settled(h.upper)
+
+    def _writers_of(self, upper: str) -> bool:
+        with self._lock:
+            return any(o.writable and o.upper == upper for o in self._handles.values())
 
     def read_path(self, path: str, offset: int = 0, size: int | None = None) -> bytes:
         """Convenience for tests: open, read, release."""
@@ -297,15 +304,23 @@ class Filesystem:
             h = self._handle(fh)
             if h.fd is None:
                 raise BadHandle(f"{h.path} is not open for writing")
+            h.wrote = True
             self.view.note_write(h.upper, offset, len(data))   # before the bytes change
-            return os.pwrite(h.fd, data, offset)
+            try:
+                return os.pwrite(h.fd, data, offset)
+            finally:
+                self.view.change_done(h.upper)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         with self._op():
             h = self._handle(fh) if fh is not None else None
             if h is not None and h.fd is not None:
+                h.wrote = True
                 self.view.note_truncate(h.upper)
-                os.ftruncate(h.fd, length)
+                try:
+                    os.ftruncate(h.fd, length)
+                finally:
+                    self.view.change_done(h.upper)
             else:
                 self._follow_copy_up(path, self._overlay(path).truncate(path, length))
 

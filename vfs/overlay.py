@@ -21,6 +21,15 @@ bytes reach the upper file (so a crash can lose a dirty mark only with the write
 covers). A commit then reuses the digest of every chunk that no write touched instead of
 hashing it again (`known_chunks`); a truncate forgets the file's lower chunks altogether.
 
+Hashed after close. When the last writer of a large upper file closes it, a background
+thread hashes it (whole file and chunks, reusing known chunks) and records the result in
+`hashed`, so a commit made later does not read the file again. Every write and truncate
+goes through `begin_change` (before the bytes change: it bumps the file's generation and
+deletes its `hashed` row in the journal) and `end_change`; a hash is recorded only if the
+file's generation did not move and no change was in flight while it was computed, so a
+recorded hash always describes the file's bytes, across crashes too. `wait_hashing`
+lets a commit wait for hashes already under way rather than start them again.
+
 Concurrency: metadata operations take `_lock` (an RLock; SQLite is used only under it);
 file data is read and written through descriptors outside it. Lock order: overlay
 `_lock` before any lock of the lower view or the cache.
@@ -32,6 +41,8 @@ import json
 import os
 import sqlite3
 import stat as stat_mod
+import logging
+import queue
 import threading
 import time
 import uuid
@@ -39,11 +50,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from strata.catalog import paths
+from strata.catalog.blobs import HashStopped, hash_file
 from strata.catalog.manifest import Entry
 from strata.storage.cache import copy_range
 from strata.vfs.errors import (Exists, InvalidArgument, IsADirectory, NoEntry, NotADirectory,
                                NotEmpty, NotPermitted)
 from strata.vfs.views import DIR, FILE, LINK, Node, View, missing
+
+log = logging.getLogger("strata.vfs")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes(
@@ -56,6 +70,8 @@ CREATE TABLE IF NOT EXISTS copied(upper TEXT PRIMARY KEY, size INTEGER NOT NULL,
     chunk_size INTEGER NOT NULL, chunks BLOB NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS dirty(upper TEXT NOT NULL, chunk INTEGER NOT NULL,
     PRIMARY KEY(upper, chunk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS hashed(upper TEXT PRIMARY KEY, size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL, chunks BLOB) WITHOUT ROWID;
 """
 COLUMNS = "path, kind, upper, lower, redirect, opaque, mode, mtime_ns, target, origin"
 OVERLAY_VERSION = "overlay"   # what user.strata.version says of a pending change
@@ -108,6 +124,15 @@ class Overlay:
         for upper, chunk in self.db.execute("SELECT upper, chunk FROM dirty"):
             self._dirty[upper][1].add(chunk)
         self._dirty_lock = threading.Lock()
+        # hashing after close (see the module docstring); `chunk_size` None: off
+        self.chunk_size: int | None = None
+        self._hash_lock = threading.Condition()
+        self._gen: dict[str, int] = {}        # upper name -> changes begun or ended
+        self._inflight: dict[str, int] = {}   # upper name -> changes under way
+        self._hashed = {u for (u,) in self.db.execute("SELECT upper FROM hashed")}
+        self._queue: queue.SimpleQueue | None = None
+        self._queued = 0                      # names queued or being hashed
+        self._stopped = False                 # the generation is being dropped
 
     def get(self, path: str) -> Row | None:
         r = self.db.execute(f"SELECT {COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()
@@ -182,6 +207,104 @@ class Overlay:
             self.db.execute("DELETE FROM copied WHERE upper=?", (name,))
             self.db.execute("DELETE FROM dirty WHERE upper=?", (name,))
             self._dirty.pop(name, None)
+
+    # ---- whole-file hashes, computed after the last writer closes ----------------------
+    def begin_change(self, name: str) -> None:
+        """The bytes of upper file `name` are about to change (a write or a truncate)."""
+        with self._hash_lock:
+            self._gen[name] = self._gen.get(name, 0) + 1
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+            if name in self._hashed:
+                self._hashed.discard(name)
+                self.db.execute("DELETE FROM hashed WHERE upper=?", (name,))
+
+    def end_change(self, name: str) -> None:
+        with self._hash_lock:
+            self._gen[name] = self._gen.get(name, 0) + 1
+            self._inflight[name] -= 1
+
+    def settled(self, name: str) -> None:
+        """Its last writer closed upper file `name`: hash it in the background if it is
+        large (a small file costs a commit less than the bookkeeping)."""
+        if self.chunk_size is None:
+            return
+        try:
+            if os.stat(self.upper_path(name)).st_size < self.chunk_size:
+                return
+        except FileNotFoundError:
+            return
+        with self._hash_lock:
+            if self._queue is None:
+                self._queue = queue.SimpleQueue()
+                threading.Thread(target=self._hash_loop, args=(self._queue,), daemon=True,
+                                 name="strata-hash-closed").start()
+            self._queued += 1
+        self._queue.put(name)
+
+    def wait_hashing(self) -> None:
+        """Return once every hash asked for so far is recorded (or given up)."""
+        with self._hash_lock:
+            self._hash_lock.wait_for(lambda: self._queued == 0)
+
+    def hashed(self, name: str, size: int) -> tuple[str, bytes | None] | None:
+        """(sha256, chunk digests) of upper file `name` if recorded for its current
+        bytes (`size` is what the caller sees now), else None."""
+        with self._hash_lock:
+            row = self.db.execute("SELECT size, sha256, chunks FROM hashed WHERE upper=?",
+                                  (name,)).fetchone()
+        if row is None or row[0] != size:
+            return None
+        return row[1], row[2]
+
+    def stop_hashing(self) -> None:
+        """This generation is dropped: hashes queued or under way are not wanted."""
+        with self._hash_lock:
+            self._stopped = True
+
+    def forget(self, name: str) -> None:
+        """Upper file `name` is gone (removed or replaced): no hash of it is wanted, and
+        one under way stops at its next chunk."""
+        with self._hash_lock:
+            self._gen[name] = self._gen.get(name, 0) + 1
+            if name in self._hashed:
+                self._hashed.discard(name)
+                self.db.execute("DELETE FROM hashed WHERE upper=?", (name,))
+
+    def _hash_loop(self, q: queue.SimpleQueue) -> None:
+        try:   # the work of a commit done ahead: it yields to whatever the user runs
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        except (OSError, AttributeError):
+            pass
+        while True:
+            name = q.get()
+            try:
+                self._hash_one(name)
+            except (FileNotFoundError, HashStopped):
+                pass   # removed, or changed: its next close asks again
+            except Exception as e:  # noqa: BLE001 - the commit hashes it then
+                log.debug("hashing %s after close failed: %s", name, e)
+            finally:
+                with self._hash_lock:
+                    self._queued -= 1
+                    self._hash_lock.notify_all()
+
+    def _hash_one(self, name: str) -> None:
+        with self._hash_lock:
+            if self._stopped or self._inflight.get(name) or name in self._hashed:
+                return
+            gen = self._gen.get(name, 0)
+        path = self.upper_path(name)
+        size = os.stat(path).st_size
+        with self._dirty_lock:
+            known = self.known_chunks(name, size)
+        h = hash_file(path, self.chunk_size, frozen=True, known=known,
+                      stop=lambda: self._stopped or self._gen.get(name, 0) != gen)
+        with self._hash_lock:
+            if self._gen.get(name, 0) != gen or self._inflight.get(name):
+                return   # changed meanwhile: the bytes hashed may be a mix
+            self.db.execute("INSERT OR REPLACE INTO hashed VALUES (?,?,?,?)",
+                            (name, h.size, h.sha256, h.chunks))
+            self._hashed.add(name)
 
     def known_chunks(self, name: str, size: int) -> dict[int, bytes] | None:
         """Digests of the chunks of upper file `name` (now `size` bytes) that are still the
@@ -349,6 +472,7 @@ class OverlayView:
     def _discard_upper(self, row: Row | None) -> None:
         if row is not None and row.upper:
             self.overlay.untrack(row.upper)
+            self.overlay.forget(row.upper)
             try:
                 os.unlink(self.overlay.upper_path(row.upper))
             except FileNotFoundError:
@@ -551,17 +675,34 @@ class OverlayView:
     def truncate(self, path: str, length: int) -> str:
         with self._lock:
             up = self.copy_up(path, keep_data=length > 0)
-            self.overlay.untrack(os.path.basename(up))
-            os.truncate(up, length)
+            name = os.path.basename(up)
+            self.overlay.begin_change(name)
+            try:
+                self.overlay.untrack(name)
+                os.truncate(up, length)
+            finally:
+                self.overlay.end_change(name)
             return up
 
     def note_write(self, upper_file: str, offset: int, length: int) -> None:
-        """A write through an open upper file is about to change these bytes."""
-        self.overlay.note_write(os.path.basename(upper_file), offset, length)
+        """A write through an open upper file is about to change these bytes; the
+        caller calls `change_done` once it has."""
+        name = os.path.basename(upper_file)
+        self.overlay.begin_change(name)
+        self.overlay.note_write(name, offset, length)
 
     def note_truncate(self, upper_file: str) -> None:
-        """An open upper file is about to be truncated."""
-        self.overlay.untrack(os.path.basename(upper_file))
+        """An open upper file is about to be truncated; `change_done` follows."""
+        name = os.path.basename(upper_file)
+        self.overlay.begin_change(name)
+        self.overlay.untrack(name)
+
+    def change_done(self, upper_file: str) -> None:
+        self.overlay.end_change(os.path.basename(upper_file))
+
+    def settled(self, upper_file: str) -> None:
+        """The last writer of this upper file closed it."""
+        self.overlay.settled(os.path.basename(upper_file))
 
 
 def _with(row: Row, **changes) -> Row:

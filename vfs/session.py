@@ -106,7 +106,9 @@ class Session:
         os.replace(tmp, self.folder / "state.json")
 
     def _generation(self, n: int) -> Overlay:
-        return Overlay(self.folder / f"g{n}")
+        o = Overlay(self.folder / f"g{n}")
+        o.chunk_size = self.repo.chunk_size   # large files are hashed once closed
+        return o
 
     def _pending(self, base: str) -> bool:
         live = self.state.get("live")
@@ -170,7 +172,9 @@ class Session:
                 self.state["live"] = self.state["live"] + 1
                 self.state["draft"] = None
                 self._save()
+                frozen = self.live
                 self._swap(frozen=self.state["frozen"])
+                frozen.wait_hashing()   # hashes under way finish sooner than new ones
             frozen_view = OverlayView(VersionView(self.repo, self.state["base"], self.reader),
                                       self._generation(self.state["frozen"]))
             parent = Dataset.get(self.state["base"], repo=self.repo)
@@ -193,6 +197,7 @@ class Session:
             if self.state.get("frozen"):
                 raise MountError("a commit is in progress; retry the commit first")
             dropped = len(self.live.rows())
+            self.live.stop_hashing()
             old = self.state["live"]
             self.state["live"] = old + 1
             self._save()
@@ -224,7 +229,12 @@ def _add_file(view: OverlayView, cs: ChangeSet, n, path: str | None = None) -> N
     """An upper file to store; the chunks it still shares with the lower file it was
     copied from need no hashing."""
     cs.files.append((path or n.path, n.upper))
-    known = view.overlay.known_chunks(os.path.basename(n.upper), n.size)
+    name = os.path.basename(n.upper)
+    hashed = view.overlay.hashed(name, n.size)
+    if hashed is not None:
+        cs.hashed[n.upper] = (n.size, *hashed)
+        return
+    known = view.overlay.known_chunks(name, n.size)
     if known:
         cs.known[n.upper] = known
 

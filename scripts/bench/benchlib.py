@@ -337,7 +337,7 @@ class Strata:
         self.pyspy.mkdir(parents=True, exist_ok=True)
         out = self.pyspy / f"{name}.txt"
         p = subprocess.Popen(["py-spy", "record", "--pid", str(self.pid(mp)), "--rate", os.environ.get("PYSPY_RATE", "200"),
-                              "--format", "raw", "--threads", "--nonblocking",
+                              "--format", "raw", "--threads", "--nonblocking", *(["--idle"] if os.environ.get("PYSPY_IDLE") else []),
                               "-o", str(out)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)

@@ -175,22 +175,23 @@ def test_interrupted_commit_retried_gives_exactly_one_child(tmp_path, monkeypatc
 @pytest.mark.parametrize("stores_on_add", [True, False])
 def test_a_commit_reads_each_new_file_once(tmp_path, monkeypatch, stores_on_add):
     """The frozen generation's files cannot change any more, so a commit trusts them
-    however fresh: each is hashed once (while stored, in a folder repository) and neither
-    checked nor hashed again at upload."""
+    however fresh: each is hashed once (the large one in the background once closed, the
+    small one at commit, while stored in a folder repository) and neither checked nor
+    hashed again at upload."""
     from strata.catalog import blobs
     monkeypatch.setattr(Repository, "stores_on_add", property(lambda self: stores_on_add))
     env = Env(tmp_path)
     try:
         s = env.session()
         new = {"small": b"s" * 1000, "large": os.urandom(5 * CHUNK + 7)}
-        for name, data in new.items():
-            fh = s.fs.create(name, 0o644)
-            s.fs.write(fh, 0, data)
-            s.fs.release(fh)
         hashed = []
         real = blobs._hash
         monkeypatch.setattr(blobs, "_hash", lambda p, *a, **kw: hashed.append(p) or
                             real(p, *a, **kw))
+        for name, data in new.items():
+            fh = s.fs.create(name, 0o644)
+            s.fs.write(fh, 0, data)
+            s.fs.release(fh)
         trusted = []
         real_open = blobs._open_source
 
@@ -201,8 +202,9 @@ def test_a_commit_reads_each_new_file_once(tmp_path, monkeypatch, stores_on_add)
         monkeypatch.setattr(blobs, "_open_source", open_source)
         child = s.commit()
         assert len(hashed) == len(set(hashed)) == 2     # the two upper files, once each
-        # read again to be uploaded, but not hashed again
-        assert trusted == ([] if stores_on_add else [True, True])
+        # read again to be uploaded, but not hashed again (the large one, hashed after
+        # close, is stored at upload in a folder repository too)
+        assert trusted == ([True] if stores_on_add else [True, True])
         out = tmp_path / "out"
         Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
         assert {n: (out / n).read_bytes() for n in new} == new
@@ -238,9 +240,9 @@ def test_a_commit_hashes_only_the_chunks_written_since_copy_up(tmp_path, monkeyp
     try:
         s = env.session()
         fh = s.fs.open("big", os.O_RDWR)           # copy-up: 2 whole chunks and a tail
+        sizes = chunk_hashes(monkeypatch)           # (after the copy-up's verification)
         s.fs.write(fh, CHUNK + 10, b"XY")           # touches chunk 1 only
-        s.fs.release(fh)
-        sizes = chunk_hashes(monkeypatch)
+        s.fs.release(fh)                            # hashed from here, or by the commit
         child = s.commit()
         tail = len(BASE["big"]) % CHUNK
         assert sorted(sizes) == sorted([CHUNK, tail])   # chunk 0 reused, not hashed
@@ -260,11 +262,13 @@ def test_dirty_chunks_survive_a_remount_and_a_truncate_forgets_the_copy(tmp_path
         fh = s.fs.open("big", os.O_RDWR)
         s.fs.write(fh, 5, b"a")                     # chunk 0
         s.fs.release(fh)
+        s.live.wait_hashing()                       # (hashed after close: then it ends)
+        s.live.stop_hashing()
         s2 = env.session()                          # remount: the journal is reloaded
         fh = s2.fs.open("big", os.O_RDWR)
-        s2.fs.write(fh, CHUNK + 5, b"b")            # chunk 1, after the remount
-        s2.fs.release(fh)
         sizes = chunk_hashes(monkeypatch)
+        s2.fs.write(fh, CHUNK + 5, b"b")            # chunk 1, after the remount
+        s2.fs.release(fh)                           # hashed from here, or by the commit
         child = s2.commit()
         assert sorted(sizes) == sorted([CHUNK, CHUNK, len(BASE["big"]) % CHUNK])
         out = tmp_path / "o"
@@ -281,5 +285,136 @@ def test_dirty_chunks_survive_a_remount_and_a_truncate_forgets_the_copy(tmp_path
         Dataset.get(child2.id, repo=env.url).get_mutable_local_copy(out2)
         want = expected_big((5, b"a"), (CHUNK + 5, b"b"))[:CHUNK // 2]
         assert (out2 / "big").read_bytes() == want + bytes(len(BASE["big"]) - len(want))
+    finally:
+        env.close()
+
+
+# ---- large files hashed once their last writer closes them ------------------------------
+def _upper_name(s, path):
+    return os.path.basename(s.fs.view.lookup(path).upper)
+
+
+def _write_file(s, path, data, offset=0, create=True):
+    fh = s.fs.create(path, 0o644) if create else s.fs.open(path, os.O_RDWR)
+    s.fs.write(fh, offset, data)
+    return fh
+
+
+def test_a_closed_large_file_is_hashed_once_and_the_commit_reads_it_no_more(
+        tmp_path, monkeypatch):
+    import hashlib
+    from strata.catalog import blobs
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        data = os.urandom(3 * CHUNK + 5)
+        fh = _write_file(s, "big2", data)
+        name = _upper_name(s, "big2")
+        assert s.live.hashed(name, len(data)) is None     # still open for writing
+        s.fs.release(fh)
+        s.live.wait_hashing()
+        sha, chunks = s.live.hashed(name, len(data))
+        assert sha == hashlib.sha256(data).hexdigest()
+        assert chunks == b"".join(hashlib.sha256(data[i:i + CHUNK]).digest()
+                                  for i in range(0, len(data), CHUNK))
+        read = []
+        real = blobs._hash
+        monkeypatch.setattr(blobs, "_hash", lambda p, *a, **kw: read.append(p) or
+                            real(p, *a, **kw))
+        child = s.commit()
+        assert read == []
+        out = tmp_path / "o"
+        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+        assert (out / "big2").read_bytes() == data
+    finally:
+        env.close()
+
+
+def test_a_write_forgets_the_hash_before_the_bytes_change_also_after_a_crash(tmp_path):
+    from strata.vfs.overlay import Overlay
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        data = os.urandom(2 * CHUNK)
+        s.fs.release(_write_file(s, "big2", data))
+        s.live.wait_hashing()
+        name = _upper_name(s, "big2")
+        assert s.live.hashed(name, len(data)) is not None
+        s.live.begin_change(name)        # a write about to land (then the process dies)
+        again = Overlay(s.live.folder)   # what a remount finds in the journal
+        assert again.hashed(name, len(data)) is None
+        again.close()
+        s.live.end_change(name)
+        # a write through a handle: forgotten at once, hashed again once closed
+        fh = _write_file(s, "big2", b"NEW", offset=5, create=False)
+        assert s.live.hashed(name, len(data)) is None
+        s.fs.release(fh)
+        s.live.wait_hashing()
+        new = data[:5] + b"NEW" + data[8:]
+        import hashlib
+        assert s.live.hashed(name, len(data))[0] == hashlib.sha256(new).hexdigest()
+        child = s.commit()
+        out = tmp_path / "o"
+        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+        assert (out / "big2").read_bytes() == new
+    finally:
+        env.close()
+
+
+def test_a_change_while_the_file_is_hashed_is_not_recorded_as_hashed(tmp_path, monkeypatch):
+    """A writer that opens the file while its hash is being computed makes that hash
+    worthless: it is dropped, and the file is hashed again after that writer closes."""
+    import hashlib
+    from strata.vfs import overlay
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        data = os.urandom(2 * CHUNK + 1)
+        real = overlay.hash_file
+        calls = []
+
+        def racing(path, *a, **kw):
+            h = real(path, *a, **kw)
+            if not calls:   # the first hash: the file changes before it is recorded
+                s.fs.release(_write_file(s, "big2", b"LATE", offset=0, create=False))
+            calls.append(h.sha256)
+            return h
+        monkeypatch.setattr(overlay, "hash_file", racing)
+        s.fs.release(_write_file(s, "big2", data))
+        s.live.wait_hashing()
+        new = b"LATE" + data[4:]
+        assert calls == [hashlib.sha256(data).hexdigest(), hashlib.sha256(new).hexdigest()]
+        assert s.live.hashed(_upper_name(s, "big2"), len(data))[0] == calls[1]
+        child = s.commit()
+        out = tmp_path / "o"
+        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+        assert (out / "big2").read_bytes() == new
+    finally:
+        env.close()
+
+
+def test_a_file_removed_while_it_is_hashed_stops_its_hash(tmp_path, monkeypatch):
+    """A large file written then deleted (a scratch file): its hash stops at the next
+    chunk instead of reading the rest, and records nothing."""
+    from strata.vfs import overlay
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        real = overlay.hash_file
+        chunks_read = []
+
+        def removing(path, *a, stop, **kw):
+            def check():
+                chunks_read.append(1)
+                if len(chunks_read) == 2:
+                    s.fs.unlink("scratch")   # removed while its second chunk is next
+                return stop()
+            return real(path, *a, stop=check, **kw)
+        monkeypatch.setattr(overlay, "hash_file", removing)
+        s.fs.release(_write_file(s, "scratch", os.urandom(6 * CHUNK)))
+        s.live.wait_hashing()
+        assert len(chunks_read) == 2            # not the six chunks
+        assert s.live.db.execute("SELECT count(*) FROM hashed").fetchone()[0] == 0
+        assert s.live.is_empty()
     finally:
         env.close()
