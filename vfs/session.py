@@ -27,6 +27,7 @@ generation once it is frozen.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -74,6 +75,7 @@ class Session:
         self.reader = reader
         self.folder = overlays_dir() / name
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._owner = _own(self.folder, name)   # one mount per overlay, until close()
         self._lock = threading.RLock()
         self.state = self._load()
         if self.state.get("repo") not in (None, repo.url):
@@ -92,6 +94,15 @@ class Session:
         self._drop([p for p in self.folder.iterdir()
                     if p.name[:1] == "g" and p.name[1:].isdigit()
                     and p.name not in self._in_use()])
+
+    def close(self) -> None:
+        """Let another session use this overlay (a process that ends does this too)."""
+        live = getattr(self, "live", None)
+        if live is not None:
+            live.stop_hashing()
+        if self._owner is not None:
+            os.close(self._owner)
+            self._owner = None
 
     # ---- state -------------------------------------------------------------------------
     def _load(self) -> dict:
@@ -204,6 +215,20 @@ class Session:
             self._swap()
             self._drop([self._generation_dir(old)])
             return dropped
+
+
+def _own(folder: Path, name: str) -> int:
+    """An exclusive lock on the overlay, held while the session lives: two mounts writing
+    one journal and one upper folder would corrupt both. The kernel drops it when the
+    process dies (kill -9 too), so a crashed mount never blocks the next one."""
+    fd = os.open(folder / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"overlay {name} is in use by another writable mount; unmount "
+                         f"it first, or name another overlay with --overlay") from None
+    return fd
 
 
 # ---- reading an overlay as changes -------------------------------------------------------

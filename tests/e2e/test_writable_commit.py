@@ -296,3 +296,24 @@ def test_commit_with_nothing_pending_fails_in_one_line(build, mounts):
     assert versions(build.repo_url) == [vid]
     r = strata("discard", mnt)
     assert r.returncode == 0 and "discarded 0 pending changes" in r.stdout + r.stderr
+
+
+def test_a_second_writable_mount_of_one_overlay_is_refused_in_one_line(build, mounts):
+    """Two mount servers writing one overlay's journal would corrupt it."""
+    vid = build.version({"a.txt": b"a\n"})
+    one, two = mounts.folder("one"), mounts.folder("two")
+    r = strata("--repo", build.repo_url, "mount", "--id", vid, "--writable",
+               "--overlay", "shared", one)
+    assert r.returncode == 0, r.stderr
+    (one / "b.txt").write_bytes(b"b\n")
+    line = one_error_line(strata("--repo", build.repo_url, "mount", "--id", vid,
+                                 "--writable", "--overlay", "shared", two),
+                          "overlay shared is in use")
+    assert "--overlay" in line
+    assert not in_proc_mounts(two)
+    assert changes(one) == {("added", "b.txt", None)}     # the first one is untouched
+    assert strata("unmount", one).returncode == 0
+    r = strata("--repo", build.repo_url, "mount", "--id", vid, "--writable",
+               "--overlay", "shared", two)
+    assert r.returncode == 0, r.stderr
+    assert (two / "b.txt").read_bytes() == b"b\n"             # its pending change, resumed

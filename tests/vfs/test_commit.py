@@ -90,6 +90,7 @@ def test_commit_makes_a_child_equal_to_the_model(tmp_path_factory, ops):
         assert child_tree(env, child.id, "out") == expected
         assert fs_tree(s.fs) == expected            # the live mount now shows the child
         assert s.status()["changes"] == []
+        s.close()
         again = env.session(child.id)               # a remount of the child: same tree
         assert fs_tree(again.fs) == expected
     finally:
@@ -161,6 +162,7 @@ def test_interrupted_commit_retried_gives_exactly_one_child(tmp_path, monkeypatc
         with pytest.raises(KeyboardInterrupt):
             s.commit()
         # the process dies; a new session (remount) resumes and finishes the commit
+        s.close()
         s2 = env.session()
         assert s2.status()["committing"]
         child = s2.commit()
@@ -263,7 +265,7 @@ def test_dirty_chunks_survive_a_remount_and_a_truncate_forgets_the_copy(tmp_path
         s.fs.write(fh, 5, b"a")                     # chunk 0
         s.fs.release(fh)
         s.live.wait_hashing()                       # (hashed after close: then it ends)
-        s.live.stop_hashing()
+        s.close()
         s2 = env.session()                          # remount: the journal is reloaded
         fh = s2.fs.open("big", os.O_RDWR)
         sizes = chunk_hashes(monkeypatch)
@@ -416,5 +418,22 @@ def test_a_file_removed_while_it_is_hashed_stops_its_hash(tmp_path, monkeypatch)
         assert len(chunks_read) == 2            # not the six chunks
         assert s.live.db.execute("SELECT count(*) FROM hashed").fetchone()[0] == 0
         assert s.live.is_empty()
+    finally:
+        env.close()
+
+
+def test_one_session_per_overlay_at_a_time(tmp_path):
+    """Two mounts writing one journal would corrupt it: the second is refused in one
+    line until the first ends (a crashed process releases it too: the lock is the
+    kernel's)."""
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        with pytest.raises(MountError, match="in use by another writable mount"):
+            env.session()
+        other = env.session(name="other")           # another overlay is fine
+        other.close()
+        s.close()
+        env.session().close()
     finally:
         env.close()

@@ -47,6 +47,7 @@ def test_a_leftover_generation_is_removed_at_the_next_start(tmp_path):
         (leftover / "upper" / "f").write_bytes(b"garbage")
         (s.folder / "gnotes").mkdir()       # not a generation: left alone
 
+        s.close()                           # the process ends
         s2 = env.session()
         wait_gone(leftover)
         assert live.is_dir() and (s.folder / "gnotes").is_dir()
