@@ -133,6 +133,7 @@ class Overlay:
         self._queue: queue.SimpleQueue | None = None
         self._queued = 0                      # names queued or being hashed
         self._stopped = False                 # the generation is being dropped
+        self._thread: threading.Thread | None = None
 
     def get(self, path: str) -> Row | None:
         r = self.db.execute(f"SELECT {COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()
@@ -212,11 +213,8 @@ class Overlay:
     def begin_change(self, name: str) -> None:
         """The bytes of upper file `name` are about to change (a write or a truncate)."""
         with self._hash_lock:
-            self._gen[name] = self._gen.get(name, 0) + 1
             self._inflight[name] = self._inflight.get(name, 0) + 1
-            if name in self._hashed:
-                self._hashed.discard(name)
-                self.db.execute("DELETE FROM hashed WHERE upper=?", (name,))
+            self._invalidate(name)
 
     def end_change(self, name: str) -> None:
         with self._hash_lock:
@@ -236,8 +234,9 @@ class Overlay:
         with self._hash_lock:
             if self._queue is None:
                 self._queue = queue.SimpleQueue()
-                threading.Thread(target=self._hash_loop, args=(self._queue,), daemon=True,
-                                 name="strata-hash-closed").start()
+                self._thread = threading.Thread(target=self._hash_loop, args=(self._queue,),
+                                                daemon=True, name="strata-hash-closed")
+                self._thread.start()
             self._queued += 1
         self._queue.put(name)
 
@@ -257,18 +256,25 @@ class Overlay:
         return row[1], row[2]
 
     def stop_hashing(self) -> None:
-        """This generation is dropped: hashes queued or under way are not wanted."""
+        """This generation is dropped: hashes queued or under way are not wanted, and
+        the hashing thread ends."""
         with self._hash_lock:
             self._stopped = True
+            if self._queue is not None:
+                self._queue.put(None)
 
     def forget(self, name: str) -> None:
         """Upper file `name` is gone (removed or replaced): no hash of it is wanted, and
         one under way stops at its next chunk."""
         with self._hash_lock:
-            self._gen[name] = self._gen.get(name, 0) + 1
-            if name in self._hashed:
-                self._hashed.discard(name)
-                self.db.execute("DELETE FROM hashed WHERE upper=?", (name,))
+            self._invalidate(name)
+
+    def _invalidate(self, name: str) -> None:
+        """(under _hash_lock) A hash of `name` computed so far no longer holds."""
+        self._gen[name] = self._gen.get(name, 0) + 1
+        if name in self._hashed:
+            self._hashed.discard(name)
+            self.db.execute("DELETE FROM hashed WHERE upper=?", (name,))
 
     def _hash_loop(self, q: queue.SimpleQueue) -> None:
         try:   # the work of a commit done ahead: it yields to whatever the user runs
@@ -277,6 +283,8 @@ class Overlay:
             pass
         while True:
             name = q.get()
+            if name is None:
+                return
             try:
                 self._hash_one(name)
             except (FileNotFoundError, HashStopped):

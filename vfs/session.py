@@ -176,6 +176,7 @@ class Session:
     # ---- commit / discard --------------------------------------------------------------
     def commit(self, *, name=None, version=None, description=None, tags=None) -> Dataset:
         with self._lock:
+            frozen = None   # the overlay that was live until this commit froze it
             if not self.state.get("frozen"):
                 if self.live.is_empty():
                     raise MountError("nothing to commit: the mount has no pending changes")
@@ -196,6 +197,8 @@ class Session:
                 self._save()
                 stage_changes(child, changeset_of(frozen_view))
                 child.finalize(auto_upload=True)
+            if frozen is not None:
+                frozen.stop_hashing()   # its files are in the child now
             old = self.state["frozen"]
             self.state.update(base=child.id, frozen=None, draft=None)
             self._save()

@@ -323,8 +323,11 @@ def test_a_closed_large_file_is_hashed_once_and_the_commit_reads_it_no_more(
         real = blobs._hash
         monkeypatch.setattr(blobs, "_hash", lambda p, *a, **kw: read.append(p) or
                             real(p, *a, **kw))
+        frozen = s.live
         child = s.commit()
         assert read == []
+        frozen._thread.join(timeout=30)         # the committed generation's hasher ends
+        assert not frozen._thread.is_alive()
         out = tmp_path / "o"
         Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
         assert (out / "big2").read_bytes() == data
