@@ -296,6 +296,13 @@ def _upper_name(s, path):
     return os.path.basename(s.fs.view.lookup(path).upper)
 
 
+def committed(env, child, path, tmp_path) -> bytes:
+    """The bytes of `path` in the version `child`, as `get --copy` gives them."""
+    out = tmp_path / f"out-{child.id}"
+    Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
+    return (out / path).read_bytes()
+
+
 def _write_file(s, path, data, offset=0, create=True):
     fh = s.fs.create(path, 0o644) if create else s.fs.open(path, os.O_RDWR)
     s.fs.write(fh, offset, data)
@@ -328,9 +335,7 @@ def test_a_closed_large_file_is_hashed_once_and_the_commit_reads_it_no_more(
         assert read == []
         frozen._thread.join(timeout=30)         # the committed generation's hasher ends
         assert not frozen._thread.is_alive()
-        out = tmp_path / "o"
-        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
-        assert (out / "big2").read_bytes() == data
+        assert committed(env, child, "big2", tmp_path) == data
     finally:
         env.close()
 
@@ -359,9 +364,7 @@ def test_a_write_forgets_the_hash_before_the_bytes_change_also_after_a_crash(tmp
         import hashlib
         assert s.live.hashed(name, len(data))[0] == hashlib.sha256(new).hexdigest()
         child = s.commit()
-        out = tmp_path / "o"
-        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
-        assert (out / "big2").read_bytes() == new
+        assert committed(env, child, "big2", tmp_path) == new
     finally:
         env.close()
 
@@ -391,9 +394,7 @@ def test_a_change_while_the_file_is_hashed_is_not_recorded_as_hashed(tmp_path, m
         assert calls == [hashlib.sha256(data).hexdigest(), hashlib.sha256(new).hexdigest()]
         assert s.live.hashed(_upper_name(s, "big2"), len(data))[0] == calls[1]
         child = s.commit()
-        out = tmp_path / "o"
-        Dataset.get(child.id, repo=env.url).get_mutable_local_copy(out)
-        assert (out / "big2").read_bytes() == new
+        assert committed(env, child, "big2", tmp_path) == new
     finally:
         env.close()
 
