@@ -139,13 +139,21 @@ def _write_atomic(full: str, parts: list[bytes], mode: int, mtime_ns: int) -> No
     tmp = f"{full}.{os.getpid()}-{threading.get_ident()}.strata-tmp"  # two gets at once
     # large files go past the page cache (storage.directio): a copy of a dataset is
     # written once and read later, and this VM pays most for the page-cache copy
-    fd = directio.create(tmp, parts, exclusive=False)
     try:
-        os.fchmod(fd, mode & 0o7777 or 0o644)
-        os.utime(fd, ns=(mtime_ns, mtime_ns))
-    finally:
-        os.close(fd)
-    os.replace(tmp, full)
+        fd = directio.create(tmp, parts, exclusive=False)
+        try:
+            os.fchmod(fd, mode & 0o7777 or 0o644)
+            os.utime(fd, ns=(mtime_ns, mtime_ns))
+        finally:
+            os.close(fd)
+        os.replace(tmp, full)
+    except OSError as e:
+        # a full disk must not keep the partial copy, and the one line names the file
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OSError(e.errno, e.strerror or str(e), full) from None
 
 
 def _check_target(target: str, overwrite: bool) -> None:

@@ -93,6 +93,24 @@ def test_local_copy_of_many_twins_and_small_files(tmp_path, repo_url, monkeypatc
     assert len(reads) >= 3   # 605 small files: more than one span of 256
 
 
+def test_a_full_disk_during_get_names_the_file_and_leaves_no_partial_copy(
+        tmp_path, repo_url, monkeypatch):
+    import errno
+    from strata.storage import directio
+    ds = simple(repo_url, tmp_path / "s", {"big": os.urandom(3 << 20), "small": "1"})
+
+    def full(fd, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(directio.os, "pwrite", full)
+    monkeypatch.setattr(directio.os, "write", full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as info:
+        ds.get_mutable_local_copy(out)
+    assert info.value.errno == errno.ENOSPC
+    assert info.value.filename in (str(out / "big"), str(out / "small"))
+    assert not [p for p in out.rglob("*") if p.is_file()]
+
+
 def test_parts_partition_the_files(tmp_path, repo_url):
     files = {f"f{i:02}": os.urandom(100 * (i + 1)) for i in range(30)}
     ds = simple(repo_url, tmp_path / "s", files)
