@@ -330,7 +330,9 @@ class Strata:
 
     @contextmanager
     def profiled(self, mp: Path, name: str):
-        """py-spy record of the mount server while the block runs (if --pyspy)."""
+        """py-spy record of the mount server while the block runs (if --pyspy). The
+        environment tunes it: PYSPY_RATE (samples per second, default 200), PYSPY_IDLE=1
+        (also sample waiting threads: where the wall time goes, not only the CPU)."""
         if not self.pyspy or not shutil.which("py-spy"):
             yield
             return
