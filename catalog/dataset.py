@@ -372,9 +372,10 @@ class Dataset:
             to_hash.append(c)
         # files whose hash the caller knows (frozen, so it still holds): not read here;
         # upload stores the chunks that are missing
-        known = [c for c in to_hash if c.hashed is not None and c.hashed[0] == c.size]
-        if known:
-            to_hash = [c for c in to_hash if c.hashed is None or c.hashed[0] != c.size]
+        prehashed, rest = [], []
+        for c in to_hash:
+            (prehashed if c.hashed and c.hashed[0] == c.size else rest).append(c)
+        to_hash = rest
         store = self.repo.stores_on_add
         total = sum(c.size for c in to_hash)
         progress.start("hashing and storing" if store else "hashing", total)
@@ -409,7 +410,8 @@ class Dataset:
                                 thread_name_prefix="strata-hash") as pool:
             results = itertools.chain(
                 ((c, blobs.FileHash(c.size, c.hashed[1], c.hashed[2],
-                                    blobs.stamp_of(os.stat(c.source))), None) for c in known),
+                                    blobs.stamp_of(os.stat(c.source))), None)
+                 for c in prehashed),
                 (item for batch in pool.map(digest, batches) for item in batch))
             for c, h, where in results:
                 cur = view.files.get(c.path)

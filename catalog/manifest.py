@@ -202,35 +202,33 @@ class Manifest:
     def files_in(self, exact: Iterable[str], folders: Iterable[str]) -> Iterator[Entry]:
         """Entries at the paths `exact` or below one of `folders`, each once: what a
         scoped merge (merge.Scope) reads instead of every file."""
-        seen: set[str] = set()
-        for row in self._rows_in(f"SELECT {FILE_COLUMNS} FROM files", exact, folders):
-            if row[0] not in seen:
-                seen.add(row[0])
-                yield _entry(row, self.version_id)
+        for row in self._rows_in(f"SELECT {FILE_COLUMNS} FROM files", "", exact, folders):
+            yield _entry(row, self.version_id)
 
     def dirs_in(self, exact: Iterable[str], folders: Iterable[str]) -> Iterator[DirEntry]:
         """Explicit folders at `exact` or below one of `folders`, each once."""
-        seen: set[str] = set()
-        for r in self._rows_in("SELECT path, mode, mtime_ns, explicit FROM dirs WHERE "
-                               "explicit=1 AND", exact, folders):
-            if r[0] not in seen:
-                seen.add(r[0])
-                yield DirEntry(r[0], r[1], r[2], True, self.version_id)
+        for r in self._rows_in("SELECT path, mode, mtime_ns, explicit FROM dirs",
+                               "explicit=1 AND ", exact, folders):
+            yield DirEntry(r[0], r[1], r[2], True, self.version_id)
 
-    def _rows_in(self, select: str, exact: Iterable[str], folders: Iterable[str]):
-        where = " " if select.endswith("AND") else " WHERE "
+    def _rows_in(self, select: str, also: str, exact: Iterable[str],
+                 folders: Iterable[str]) -> Iterator[tuple]:
+        """Rows of `select` (path first) whose path is in `exact` or below one of
+        `folders` ('' is the whole tree), each once; `also` is a further condition."""
+        queries = []
         exact = list(exact)
         for i in range(0, len(exact), 500):
             batch = exact[i:i + 500]
-            yield from self.db.execute(
-                f"{select}{where}path IN ({','.join('?' * len(batch))})", batch)
+            queries.append((f"path IN ({','.join('?' * len(batch))})", batch))
         for folder in folders:   # '0' sorts right after '/': the range is the subtree
-            if not folder:
-                yield from self.db.execute(select.removesuffix(" AND") if where == " "
-                                           else select)
-                continue
-            yield from self.db.execute(f"{select}{where}path > ? AND path < ?",
-                                       (folder + "/", folder + "0"))
+            queries.append(("path > ? AND path < ?", (folder + "/", folder + "0"))
+                           if folder else ("path > ?", ("",)))
+        seen: set[str] = set()
+        for cond, args in queries:
+            for row in self.db.execute(f"{select} WHERE {also}{cond}", args):
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    yield row
 
     def dirs(self, explicit_only: bool = False) -> Iterator[DirEntry]:
         q = "SELECT path, mode, mtime_ns, explicit FROM dirs"

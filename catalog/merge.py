@@ -75,9 +75,6 @@ class Scope:
     def widen(self, exact=(), folders=()) -> "Scope":
         return Scope(self.exact | frozenset(exact), self.folders | frozenset(folders))
 
-    def covers(self, exact=(), folders=()) -> bool:
-        return self.exact.issuperset(exact) and self.folders.issuperset(folders)
-
 
 def merged(repo, version_id: str) -> MergedView:
     return merge_parents(repo, [version_id])

@@ -233,18 +233,14 @@ class Repository:
         crash before it was durable): its name fixes its bytes, so it is replaced. With
         durable=False the write may skip its own flush (the local folder) until
         `make_durable()`."""
-        key = layout.blob_key(blob_id)
-        try:
-            stored = self.storage.stat(key).size
-        except NotFound:
-            stored = None
+        stored = self.blob_size(blob_id)
         if stored is not None and stored == (len(data) if size is None else size):
             return False
         if callable(data):
             data = data()
         with self._deferred() if not durable else contextlib.nullcontext():
             try:
-                self.storage.write(key, data, if_absent=stored is None)
+                self.storage.write(layout.blob_key(blob_id), data, if_absent=stored is None)
                 return True
             except PreconditionFailed:
                 return False
