@@ -169,8 +169,8 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # <malloc.h>
 def _keep_freed_memory() -> None:
     """Let glibc's malloc keep freed memory for reuse. Every fetched chunk is a new 8 MiB
     buffer; by default glibc returns freed blocks this large to the kernel at once, so the
-    next download faults in and zeroes fresh pages: a third of the mount's CPU during a
-    cold S3 read (perf), 3.3 -> 2.3 CPU seconds per GiB with this. Retained memory is
+    next download faults in and zeroes fresh pages: 15% of the mount's CPU during a cold
+    S3 read (perf), 3.3 -> 2.4 CPU seconds per GiB with this. Retained memory is
     bounded by the readahead window and the in-memory hot map, as before; the trim
     threshold still returns a larger surplus. Only the mount server does this (it runs in
     a process of its own)."""
