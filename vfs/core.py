@@ -10,6 +10,7 @@ and folders belong to the user running the mount; a read-only mount shows no wri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import stat as stat_mod
@@ -157,6 +158,16 @@ class Filesystem:
     def getattr(self, path: str) -> Attr:
         return self.attr_of(self.node(path))
 
+    def fgetattr(self, fh: int) -> Attr:
+        """The attributes of an open file, also once it was unlinked or renamed over."""
+        h = self._handle(fh)
+        a = self.attr_of(h.node)
+        if h.fd is not None:
+            st = os.fstat(h.fd)
+            a = dataclasses.replace(a, size=st.st_size, mtime_ns=st.st_mtime_ns,
+                                    blocks=(st.st_size + 511) // 512)
+        return a
+
     def readdir(self, path: str) -> list[tuple[str, Attr]]:
         return [(n.name, self.attr_of(n)) for n in self.view.listdir(path)]
 
@@ -262,6 +273,13 @@ class Filesystem:
                 if h.fd is not None:
                     return os.preadv(h.fd, [buf], offset)
         return self.view.read_into(h.node, offset, buf, h.stream)
+
+    def passthrough_fd(self, fh: int) -> int | None:
+        """The descriptor of the local file holding all the bytes of a read-only handle
+        (an upper file of a writable mount), which the kernel may read directly; None
+        when reads must come through `read_into`."""
+        h = self._handle(fh)
+        return h.fd if h.fd is not None and not h.writable else None
 
     def release(self, fh: int) -> None:
         with self._op():

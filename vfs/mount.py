@@ -102,7 +102,7 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
     an open Repository. Once the mount is live, READY is written to `ready_fd` (if
     given). `checked`: the starter has just cleaned a stale mount and checked the
     mountpoint, so that is not done again."""
-    from strata.vfs.fuse import FuseOperations, serve   # the only import of the binding
+    from strata.vfs.fuse import FuseOperations, serve   # the only import of the adapter
     _keep_freed_memory()
     mountpoint = os.path.abspath(mountpoint)
     if not checked:

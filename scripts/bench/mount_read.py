@@ -35,9 +35,10 @@ Figures (docs/performance.md, "Mount reads (issue 3)"):
      cache (target <= 2 s), and the mount process's VmRSS after `ls` of the root,
      `ls train` and stat/read of a few files (target <= 300 MB).
 
-  B. the FUSE binding: minimal read-only passthrough file systems (this script's
-     --passthrough mode) on mfusepy with libfuse3 (strata's) and with libfuse2, same
-     options: a cold FUSE read of the figure-2 file and find + stat of the figure-4 tree.
+  B. FUSE bindings: minimal read-only passthrough file systems (this script's
+     --passthrough mode) on mfusepy with libfuse3 (strata's binding until strata spoke
+     the kernel protocol itself) and with libfuse2, same options: a cold FUSE read of the
+     figure-2 file and find + stat of the figure-4 tree (needs `pip install -e .[bench]`).
 
 --quick scales everything down (200 MiB version and file, 10k files, 100k-file manifest).
 --pyspy DIR records the mount process with py-spy during the strata phases (raw
@@ -664,7 +665,7 @@ class Bench:
         print("\nB. FUSE binding: minimal passthrough file systems", flush=True)
         for lib in ("fuse3", "fuse"):
             mp = self.work / f"mnt-pt-{lib}"
-            label = {"fuse3": "mfusepy on libfuse3 (strata's binding)",
+            label = {"fuse3": "mfusepy on libfuse3 (strata's binding until 2026-11-24)",
                      "fuse": "mfusepy on libfuse2 (fusepy's library)"}[lib]
             if self.big_local is not None:
                 read_all(str(self.big_local))          # source in the page cache
