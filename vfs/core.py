@@ -274,6 +274,12 @@ class Filesystem:
                     return os.preadv(h.fd, [buf], offset)
         return self.view.read_into(h.node, offset, buf, h.stream)
 
+    def upper_of(self, fh: int) -> str | None:
+        """The upper file a handle reads and writes (writable mounts), or None."""
+        with self._lock:
+            h = self._handles.get(fh)
+        return h.upper if h is not None else None
+
     def passthrough_fd(self, fh: int) -> int | None:
         """The descriptor of the local file holding all the bytes of a read-only handle
         (an upper file of a writable mount), which the kernel may read directly; None

@@ -128,6 +128,7 @@ class _Node:
     parent: int | None          # None: removed from the tree (open files may still use it)
     name: str
     lookups: int = 0
+    retired: bool = False       # still names its path, but lookups make a new node
 
 
 class Nodes:
@@ -183,14 +184,21 @@ class Nodes:
             if n is not None:
                 n.parent = None
 
+    def is_live(self, nodeid: int) -> bool:
+        with self._lock:
+            n = self._by_id.get(nodeid)
+            return nodeid == k.ROOT_ID or (n is not None and n.parent is not None
+                                           and not n.retired)
+
     def retire(self, nodeid: int) -> None:
-        """Take a node out of the tree: the next lookup of its name makes a new one."""
+        """The next lookup of this node's name makes a new node; this one keeps naming
+        its path for the files open on it."""
         with self._lock:
             n = self._by_id.get(nodeid)
             if n is not None and n.parent is not None:
                 if self._by_key.get((n.parent, n.name)) is n:
                     del self._by_key[(n.parent, n.name)]
-                n.parent = None
+                n.retired = True
 
     def moved(self, parent: int, name: str, new_parent: int, new_name: str) -> None:
         with self._lock:
@@ -240,7 +248,7 @@ class FuseOperations:
         self._cached_listings: LRUCache = LRUCache(maxsize=64)   # read-only: per node
         self._dir_handles = itertools.count(1)
         self._modes: dict[int, _Modes] = {}
-        self._opened: dict[int, tuple[int, str]] = {}          # fh -> (nodeid, mode)
+        self._opened: dict[int, tuple] = {}    # fh -> (nodeid, mode, upper file or None)
         ro = not self.fs.writable
         self.entry_valid = _timeout(3600.0 if ro else 1.0)
         self.attr_valid = self.entry_valid
@@ -346,6 +354,10 @@ class FuseOperations:
         try:
             return self.fs.getattr(self.nodes.path(nodeid))
         except NoEntry:
+            if fh is None:   # fstat(2) sends no handle: any handle open on the node
+                with self._lock:
+                    fh = next((h for h, (nid, _, _) in self._opened.items()
+                               if nid == nodeid), None)
             if fh is None:
                 raise
             return self.fs.fgetattr(fh)   # open, but unlinked or renamed over
@@ -496,18 +508,18 @@ class FuseOperations:
         write_only = flags & os.O_ACCMODE == os.O_WRONLY
         with self._lock:
             modes = self._modes.setdefault(nodeid, _Modes())
-            if backing is not None and not modes.cached and not modes.direct:
+            if backing is not None and not modes.cached:
                 if modes.backing_id is None:
                     modes.backing_id = self.channel.backing_open(backing)
                 if modes.backing_id is not None:
                     modes.passthrough += 1
-                    self._opened[fh] = (nodeid, "passthrough")
+                    self._opened[fh] = (nodeid, "passthrough", None)
                     return k.OPEN_OUT.pack(fh, k.FOPEN_PASSTHROUGH, modes.backing_id)
             stale = bool(modes.passthrough)
             if not stale:
                 mode = "direct" if write_only else "cached"
                 setattr(modes, mode, getattr(modes, mode) + 1)
-                self._opened[fh] = (nodeid, mode)
+                self._opened[fh] = (nodeid, mode, self.fs.upper_of(fh))
         if stale:
             self.nodes.retire(nodeid)
             self.fs.release(fh)
@@ -516,7 +528,7 @@ class FuseOperations:
 
     def _closed(self, fh: int) -> None:
         with self._lock:
-            nodeid, mode = self._opened.pop(fh, (None, None))
+            nodeid, mode, _ = self._opened.pop(fh, (None, None, None))
             modes = self._modes.get(nodeid)
             if modes is None:
                 return
@@ -553,7 +565,21 @@ class FuseOperations:
     def write(self, req, scratch):
         fh, offset, size, *_ = IO_IN.unpack_from(req.body)
         n = self.fs.write(fh, offset, req.body[IO_IN.size:IO_IN.size + size])
+        self._tell_other_nodes(req.nodeid, fh, offset, n)
         return (k.U32_PAIR.pack(n, 0),)
+
+    def _tell_other_nodes(self, nodeid: int, fh: int, offset: int, size: int) -> None:
+        """A write through a node retired for a passthrough conflict (by a direct-io
+        writer opened before the conflict) changes bytes that the node which replaced it
+        may hold in its page cache: drop them there."""
+        if self.nodes.is_live(nodeid):
+            return
+        upper = self.fs.upper_of(fh)
+        with self._lock:
+            others = {nid for nid, mode, up in self._opened.values()
+                      if nid != nodeid and mode == "cached" and up == upper}
+        for nid in others:
+            self.channel.invalidate_inode(nid, offset, size)
 
     def release(self, req, scratch):
         fh = RELEASE_IN.unpack_from(req.body)[0]
@@ -630,14 +656,16 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def serve(fs: Filesystem, mountpoint: str, *, fsname: str, on_ready=None,
-          debug: bool = False, operations: FuseOperations | None = None) -> None:
+          debug: bool = False, operations: FuseOperations | None = None,
+          helper: bool | None = None) -> None:
     """Mount `fs` at `mountpoint` and serve it until unmounted; SIGINT, SIGTERM and
     SIGHUP unmount it (lazily: files still open keep working until closed, then the
-    server ends)."""
+    server ends). `helper`: mount through fusermount3 (default: unless root)."""
     ops = operations or FuseOperations(fs, on_ready=on_ready)
     config = k.Config(readonly=not fs.writable, passthrough=fs.writable,
                       cache_symlinks=not fs.writable)
-    fd = k.mount(mountpoint, fsname=fsname, subtype="strata", readonly=not fs.writable)
+    fd = k.mount(mountpoint, fsname=fsname, subtype="strata", readonly=not fs.writable,
+                 helper=helper)
     channel = ops.channel = k.Channel(fd, config)
     if debug:
         log.setLevel(logging.DEBUG)

@@ -151,7 +151,8 @@ def test_unlink_of_an_open_file_keeps_it_readable_through_the_descriptor(env):
         finally:
             os.close(fd)
     env.both(act)
-    # while open, libfuse kept the file as .fuse_hidden*; closed, nothing is left of it
+    # no hidden name was left behind (libfuse's high-level API kept such files as
+    # .fuse_hidden* until closed; strata's adapter drops the name at once)
     assert not [n for n in os.listdir(env.mnt) + os.listdir(env.mnt / "folder")
                 if n.startswith(".fuse_hidden")]
     assert sorted((c["change"], c["path"]) for c in env.pending()) == [
@@ -206,8 +207,8 @@ def test_renames_of_lower_files_and_folders_commit_metadata_only(env):
 
 
 def test_rename_flags_noreplace_and_exchange(env):
-    """mfusepy drops renameat2's flags; strata takes them from libfuse itself:
-    RENAME_NOREPLACE is honoured (EEXIST), RENAME_EXCHANGE is refused (EINVAL)."""
+    """renameat2's flags reach strata (RENAME2 requests): RENAME_NOREPLACE is honoured
+    (EEXIST), RENAME_EXCHANGE is refused (EINVAL)."""
     libc = ctypes.CDLL(None, use_errno=True)
 
     def renameat2(old, new, flags) -> int:
