@@ -87,9 +87,10 @@ PASSED_ON = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, er
                        errno.EROFS, errno.ENAMETOOLONG})
 RENAME_NOREPLACE = 1   # renameat2 flags (linux/fs.h)
 UNKNOWN_INO = 0xFFFFFFFF
-DIR_TYPE = stat_mod.S_IFDIR >> 12
 BLKSIZE = 1 << 20      # st_blksize: cp, tar and Python read in 1 MiB requests
 GETATTR_FH = 1
+NO_ATTR = (0,) * len(k.ATTR.format[1:])            # fuse_attr of no node
+NO_ENTRY = k.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0, *NO_ATTR)   # '.' and '..' in READDIRPLUS
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
 FATTR_MTIME, FATTR_FH, FATTR_MTIME_NOW = 32, 64, 256
 
@@ -250,8 +251,7 @@ class FuseOperations:
         self._modes: dict[int, _Modes] = {}
         self._opened: dict[int, tuple] = {}    # fh -> (nodeid, mode, upper file or None)
         ro = not self.fs.writable
-        self.entry_valid = _timeout(3600.0 if ro else 1.0)
-        self.attr_valid = self.entry_valid
+        self.valid = _timeout(3600.0 if ro else 1.0)   # entries and attributes alike
         self.negative_valid = _timeout(3600.0) if ro else None
         self._ops = {
             k.LOOKUP: self.lookup, k.FORGET: self.forget, k.BATCH_FORGET: self.batch_forget,
@@ -318,12 +318,14 @@ class FuseOperations:
                 a.gid, 0, BLKSIZE, 0)
 
     def _entry(self, parent: int, name: str, a: Attr) -> bytes:
-        nodeid = self.nodes.remember(parent, name)
-        (es, ens), (as_, ans) = self.entry_valid, self.attr_valid
-        return k.ENTRY_OUT.pack(nodeid, 0, es, as_, ens, ans, *self._attr(nodeid, a))
+        return self._entry_of(self.nodes.remember(parent, name), a)
+
+    def _entry_of(self, nodeid: int, a: Attr) -> bytes:
+        s, ns = self.valid
+        return k.ENTRY_OUT.pack(nodeid, 0, s, s, ns, ns, *self._attr(nodeid, a))
 
     def _attr_out(self, nodeid: int, a: Attr) -> bytes:
-        s, ns = self.attr_valid
+        s, ns = self.valid
         return k.ATTR_OUT.pack(s, ns, 0, *self._attr(nodeid, a))
 
     @staticmethod
@@ -338,7 +340,7 @@ class FuseOperations:
             if self.negative_valid is None:
                 raise
             s, ns = self.negative_valid   # a missing name, cached by the kernel
-            return (k.ENTRY_OUT.pack(0, 0, s, 0, ns, 0, *([0] * 16)),)
+            return (k.ENTRY_OUT.pack(0, 0, s, 0, ns, 0, *NO_ATTR),)
         return (self._entry(req.nodeid, name, a),)
 
     def forget(self, req, scratch):
@@ -463,7 +465,6 @@ class FuseOperations:
         fh, offset, size, *_ = IO_IN.unpack_from(req.body)
         listing = self._listing(req, fh, offset)
         out, used = [], 0
-        (es, ens), (as_, ans) = self.entry_valid, self.attr_valid
         for i in range(offset, len(listing)):
             name, a = listing[i]
             raw = os.fsencode(name)
@@ -474,12 +475,11 @@ class FuseOperations:
             kind = (a.mode & 0o170000) >> 12
             if plus:
                 if i < 2:   # '.' and '..': no node (the kernel skips them)
-                    out.append(k.ENTRY_OUT.pack(0, 0, 0, 0, 0, 0, *([0] * 16)))
+                    out.append(NO_ENTRY)
                     ino = req.nodeid
                 else:
                     ino = self.nodes.remember(req.nodeid, name)
-                    out.append(k.ENTRY_OUT.pack(ino, 0, es, as_, ens, ans,
-                                                *self._attr(ino, a)))
+                    out.append(self._entry_of(ino, a))
             else:
                 ino = req.nodeid if i < 2 else UNKNOWN_INO
             out.append(k.DIRENT.pack(ino, i + 1, len(raw), kind))
@@ -647,7 +647,9 @@ class FuseOperations:
         return ()
 
     def link(self, req, scratch):
-        self.fs.link("", "")   # refused: hard links are not supported
+        old = U64.unpack_from(req.body)[0]
+        self.fs.link(self.nodes.path(old),
+                     self.nodes.child(req.nodeid, self._name(req.body[U64.size:])))
         return ()
 
 
@@ -662,8 +664,7 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, on_ready=None,
     SIGHUP unmount it (lazily: files still open keep working until closed, then the
     server ends). `helper`: mount through fusermount3 (default: unless root)."""
     ops = operations or FuseOperations(fs, on_ready=on_ready)
-    config = k.Config(readonly=not fs.writable, passthrough=fs.writable,
-                      cache_symlinks=not fs.writable)
+    config = k.Config(passthrough=fs.writable, cache_symlinks=not fs.writable)
     fd = k.mount(mountpoint, fsname=fsname, subtype="strata", readonly=not fs.writable,
                  helper=helper)
     channel = ops.channel = k.Channel(fd, config)

@@ -59,7 +59,6 @@ ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
-NO_OPENDIR_SUPPORT = 1 << 24
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37
 
@@ -197,7 +196,6 @@ def unmount(mountpoint: str) -> None:
 # ---- the channel -----------------------------------------------------------------------
 @dataclass
 class Config:
-    readonly: bool
     passthrough: bool = False       # ask the kernel for FUSE_PASSTHROUGH if it offers it
     cache_symlinks: bool = False
 
@@ -209,7 +207,6 @@ class Channel:
         self.fd = fd
         self.config = config
         self.passthrough = False    # granted by the kernel at INIT
-        self.no_opendir = False
         self._closed = threading.Event()
 
     # -- replies
