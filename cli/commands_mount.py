@@ -19,6 +19,10 @@ def _size(value: str | None) -> int | None:
 @id_option()
 @name_options()
 @click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--all", "all_versions", is_flag=True,
+              help="Mount every version of the repository, read-only: "
+                   "MOUNTPOINT/by-id/ID/ and MOUNTPOINT/by-name/PROJECT/NAME/VERSION "
+                   "(and .../latest), each resolved when first read.")
 @click.option("--foreground", is_flag=True,
               help="Serve in this process until unmounted or interrupted.")
 @click.option("--writable", is_flag=True,
@@ -30,27 +34,40 @@ def _size(value: str | None) -> int | None:
               help="Cache limit, e.g. 20G (default: STRATA_CACHE_SIZE, the config file, "
                    "or 10% of the cache disk's free space, at least 1 GiB).")
 @pass_state
-def mount(state: State, dataset_id, project, name, version, mountpoint, foreground,
-          writable, overlay, cache_size):
-    """Mount a version at MOUNTPOINT (an empty folder), read-only unless --writable."""
-    ds = select(state, dataset_id, project, name, version)
-    if not ds.is_final():
-        raise click.UsageError(f"version {ds.id} is a draft; close it before mounting")
+def mount(state: State, dataset_id, project, name, version, mountpoint, all_versions,
+          foreground, writable, overlay, cache_size):
+    """Mount a version at MOUNTPOINT (an empty folder), read-only unless --writable;
+    or, with --all, every version of the repository."""
     size = _size(cache_size)
+    if all_versions:
+        if dataset_id or project or name or version:
+            raise click.UsageError("--all mounts every version; drop --id, --project, "
+                                   "--name and --version")
+        if writable or overlay:
+            raise click.UsageError("--all is read-only; mount one version with "
+                                   "--writable to change it")
+        from strata.catalog.dataset import open_repo
+        repo, vid = open_repo(state.repo), mounts.ALL_VERSIONS
+        what = f"every version of {repo.url}"
+    else:
+        ds = select(state, dataset_id, project, name, version)
+        if not ds.is_final():
+            raise click.UsageError(f"version {ds.id} is a draft; close it before mounting")
+        repo, vid, what = ds.repo, ds.id, describe(ds)
     if foreground:
-        output.info(state.quiet, f"mounting {describe(ds)} at {mountpoint} (Ctrl-C to unmount)")
-        mounts.serve_foreground(ds.repo.url, ds.id, mountpoint, cache_size=size,
+        output.info(state.quiet, f"mounting {what} at {mountpoint} (Ctrl-C to unmount)")
+        mounts.serve_foreground(repo.url, vid, mountpoint, cache_size=size,
                                 writable=writable, overlay=overlay)
         return
     # fork: this process has nothing left to do but print and exit, so the server is
     # forked from it rather than started as a second interpreter (strata.vfs.mount)
-    info, cleaned = mounts.start_background(ds.repo, ds.id, mountpoint, cache_size=size,
+    info, cleaned = mounts.start_background(repo, vid, mountpoint, cache_size=size,
                                             writable=writable, overlay=overlay,
                                             fork=True, version_known=True)
     if cleaned:
         output.info(state.quiet, cleaned)
     mode = f"writable, overlay {info.overlay}" if info.writable else "read-only"
-    output.info(state.quiet, f"mounted {describe(ds)} at {info.mountpoint} ({mode}; "
+    output.info(state.quiet, f"mounted {what} at {info.mountpoint} ({mode}; "
                              f"server pid {info.pid}, log {info.log})")
 
 

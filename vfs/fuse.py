@@ -253,6 +253,9 @@ class FuseOperations:
         ro = not self.fs.writable
         self.valid = _timeout(3600.0 if ro else 1.0)   # entries and attributes alike
         self.negative_valid = _timeout(3600.0) if ro else None
+        # a repository mount: names of the catalog (not of a version) can change
+        self._volatile = getattr(self.fs.view, "volatile", None)
+        self.volatile_valid = _timeout(1.0)
         self._ops = {
             k.LOOKUP: self.lookup, k.FORGET: self.forget, k.BATCH_FORGET: self.batch_forget,
             k.GETATTR: self.getattr, k.SETATTR: self.setattr, k.READLINK: self.readlink,
@@ -320,12 +323,17 @@ class FuseOperations:
     def _entry(self, parent: int, name: str, a: Attr) -> bytes:
         return self._entry_of(self.nodes.remember(parent, name), a)
 
+    def _valid(self, nodeid: int) -> tuple[int, int]:
+        if self._volatile is not None and self._volatile(self.nodes.path(nodeid)):
+            return self.volatile_valid
+        return self.valid
+
     def _entry_of(self, nodeid: int, a: Attr) -> bytes:
-        s, ns = self.valid
+        s, ns = self._valid(nodeid)
         return k.ENTRY_OUT.pack(nodeid, 0, s, s, ns, ns, *self._attr(nodeid, a))
 
     def _attr_out(self, nodeid: int, a: Attr) -> bytes:
-        s, ns = self.valid
+        s, ns = self._valid(nodeid)
         return k.ATTR_OUT.pack(s, ns, 0, *self._attr(nodeid, a))
 
     @staticmethod
@@ -334,12 +342,15 @@ class FuseOperations:
 
     def lookup(self, req, scratch):
         name = self._name(req.body)
+        path = self.nodes.child(req.nodeid, name)
         try:
-            a = self.fs.getattr(self.nodes.child(req.nodeid, name))
+            a = self.fs.getattr(path)
         except NoEntry:
             if self.negative_valid is None:
                 raise
             s, ns = self.negative_valid   # a missing name, cached by the kernel
+            if self._volatile is not None and self._volatile(path):
+                s, ns = self.volatile_valid
             return (k.ENTRY_OUT.pack(0, 0, s, 0, ns, 0, *NO_ATTR),)
         return (self._entry(req.nodeid, name, a),)
 
@@ -664,7 +675,10 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, on_ready=None,
     SIGHUP unmount it (lazily: files still open keep working until closed, then the
     server ends). `helper`: mount through fusermount3 (default: unless root)."""
     ops = operations or FuseOperations(fs, on_ready=on_ready)
-    config = k.Config(passthrough=fs.writable, cache_symlinks=not fs.writable)
+    # a version's symlinks never change; a repository mount's (by-name/.../latest) do,
+    # and the kernel drops a cached symlink target only when it forgets the inode
+    config = k.Config(passthrough=fs.writable,
+                      cache_symlinks=not fs.writable and ops._volatile is None)
     fd = k.mount(mountpoint, fsname=fsname, subtype="strata", readonly=not fs.writable,
                  helper=helper)
     channel = ops.channel = k.Channel(fd, config)

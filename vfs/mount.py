@@ -44,6 +44,7 @@ from strata.vfs.reader import Reader
 from strata.vfs.registry import (  # noqa: F401  (re-exported: callers use strata.vfs.mount)
     SERVER_NAME, MountInfo, _registry_path, all_mounts, clean_stale, control_call,
     control_path, is_mounted, mountinfo_line, register, registered, unmount, unregister)
+from strata.vfs.repoview import ALL_VERSIONS, RepositoryView
 from strata.vfs.views import VersionView
 
 log = logging.getLogger("strata.vfs")
@@ -65,7 +66,10 @@ def build(repo_url, version_id: str, *, cache_size: int | None = None):
     repo = open_repo(repo_url)
     cache = open_cache(cache_size)
     reader = Reader(repo, cache)
-    view = VersionView(repo, version_id, reader)
+    if version_id == ALL_VERSIONS:
+        view = RepositoryView(repo, reader)
+    else:
+        view = VersionView(repo, version_id, reader)
     return Filesystem(view), reader, cache
 
 
@@ -110,6 +114,9 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
         if message:
             log.warning("%s", message)
         check_mountpoint(mountpoint)
+    if writable and version_id == ALL_VERSIONS:
+        raise MountError("a mount of every version is read-only; mount one version "
+                         "with --writable to change it")
     fs, reader, cache = build(repo_url, version_id, cache_size=cache_size)
     repo = fs.view.repo
     session = server = None
@@ -141,7 +148,8 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
         if session is not None:
             server = _serve_control(control, session, ops)
         register(info)
-        log.info("mounted version %s of %s at %s%s", version_id, repo.url, mountpoint,
+        log.info("mounted %s of %s at %s%s", "every version" if version_id == ALL_VERSIONS
+                 else f"version {version_id}", repo.url, mountpoint,
                  f" (writable, overlay {overlay})" if writable else "")
         if ready_fd is not None:
             _signal_ready(ready_fd)
@@ -255,7 +263,7 @@ def start_background(repo_url, version_id: str, mountpoint: str, *,
     cleaned = clean_stale(mountpoint)
     check_mountpoint(mountpoint)
     repo = open_repo(repo_url)
-    if not version_known:
+    if not version_known and version_id != ALL_VERSIONS:
         repo.record(version_id)
     folder = logs_dir()
     folder.mkdir(parents=True, exist_ok=True)

@@ -87,7 +87,7 @@ class VersionView:
     """The merged, lazily resolved tree of a final version."""
 
     def __init__(self, repo, version_id: str, reader, *, memo_entries: int = 200_000,
-                 memo_dirs: int = 256):
+                 memo_dirs: int = 256, record=None):
         self.repo = repo
         self.version_id = version_id
         self.reader = reader
@@ -95,7 +95,7 @@ class VersionView:
         self._parents: dict[str, tuple[str, ...]] = {}
         self._lookups: LRUCache = LRUCache(maxsize=memo_entries)
         self._listings: LRUCache = LRUCache(maxsize=memo_dirs)
-        root_record = repo.record(version_id)
+        root_record = record if record is not None else repo.record(version_id)
         self._parents[version_id] = root_record.parents
         self._shas = {version_id: root_record.manifest_sha256}
         self.record = root_record

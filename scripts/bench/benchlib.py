@@ -308,6 +308,12 @@ class Strata:
         return self.cli("--repo", repo, "mount", "--id", vid, *options, str(mp),
                         cache_dir=cache_dir)[0]
 
+    def mount_all(self, repo: str, mp: Path, cache_dir: Path | None = None) -> float:
+        """`strata mount --all` (every version of `repo`); seconds to mount ready."""
+        mp.mkdir(parents=True, exist_ok=True)
+        self.mountpoints.add(str(mp))
+        return self.cli("--repo", repo, "mount", "--all", str(mp), cache_dir=cache_dir)[0]
+
     def pid(self, mp: Path) -> int:
         from strata.vfs.mount import registered
         info = registered(str(mp))
