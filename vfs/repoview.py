@@ -98,18 +98,20 @@ class RepositoryView:
         return self._listing((BY_ID,), lambda: tuple(
             v for v in self.repo.all_version_ids() if self._record(v) is not None))
 
+    def _datasets(self) -> tuple:
+        """(project, name) of every label, escaped: one listing of names/ serves the
+        folders of every project."""
+        return self._listing(("names/",), lambda: tuple(sorted(
+            {(layout.escape(p), layout.escape(n)) for p, n, _ in self.repo.datasets()}))
+        ).value
+
     def _projects(self) -> _Listing:
         return self._listing((BY_NAME,), lambda: tuple(sorted(
-            {layout.escape(p) for p, _, _ in self.repo.datasets()})))
+            {p for p, _ in self._datasets()})))
 
     def _names(self, project: str) -> _Listing:
-        def read():
-            out = set()
-            for p, n, _ in self.repo.datasets():
-                if layout.escape(p) == project:
-                    out.add(layout.escape(n))
-            return tuple(sorted(out))
-        return self._listing((BY_NAME, project), read)
+        return self._listing((BY_NAME, project), lambda: tuple(
+            n for p, n in self._datasets() if p == project))
 
     def _labels(self, project: str, name: str) -> _Listing:
         """label -> (version id, created ns) of the completed versions of one dataset."""
