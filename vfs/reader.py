@@ -158,6 +158,11 @@ class Reader:
             # the kernel's readahead issues requests a few at a time and they can arrive
             # slightly out of order: anything near where the stream is counts as sequential
             near = abs(offset - s.next_offset) <= self.chunk_size
+            if not s.next_offset:
+                # a first read proves no stream yet: fetch only what it needs (a
+                # prefetch beside it would share the disk and the CPU with it)
+                s.next_offset = offset + size
+                return
             if near:
                 s.window = min(max(1, s.window * 2), self.max_window)
             else:

@@ -110,6 +110,19 @@ def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
     m.fs.release(fh)
 
 
+def test_a_first_read_fetches_only_its_own_chunk(repo_url, tmp_path, mounted):
+    # time to first byte: no prefetch shares the disk with the chunk being waited for
+    data = os.urandom(CHUNK * 8)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    fh = m.fs.open("big", os.O_RDONLY)
+    m.counting.reset()
+    assert m.fs.read(fh, 0, 4096) == data[:4096]
+    m.reader._pool.shutdown(wait=True)
+    assert m.counting.calls["read"] == 1
+    m.fs.release(fh)
+
+
 def test_random_reader_fetches_only_what_it_touches(repo_url, tmp_path, mounted):
     data = os.urandom(CHUNK * 8)
     ds = make(repo_url, tmp_path, {"big": data})
