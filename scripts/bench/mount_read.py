@@ -13,9 +13,11 @@ or AWS profile is read or touched. Page caches are dropped with
 `echo 3 > /proc/sys/vm/drop_caches` (root only; without root those rows say so).
 
 Figures (docs/performance.md, "Mount reads (issue 3)"):
-  1. time to first byte of one file of a 2 GiB version (local-folder repository):
-     `strata mount` + open + read 4 KiB, strata cache and page cache cold, vs
-     `strata get --copy` of the whole version (same cold start). Target >= 100x.
+  1. time to first byte of one file of a 2 GiB version (local-folder repository), vs
+     `strata get --copy` of the whole version (same cold start). Target >= 100x. Two
+     ways: open + read 4 KiB through a running `strata mount --all` (the version never
+     touched before, page cache dropped, strata cache empty), and `strata mount` of the
+     version + open + read 4 KiB (everything cold).
   2. cold sequential read (1 MiB reads) of a 1 GiB file of a version stored in S3 (s3rver
      on 127.0.0.1, repository s3://bench/strata) through a fresh mount with an empty
      strata cache, vs boto3 download_fileobj of the same bytes stored as one object
