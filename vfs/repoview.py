@@ -54,7 +54,6 @@ class RepositoryView:
                  refresh: float = REFRESH):
         self.repo = repo
         self.reader = reader
-        self.version_id = ALL_VERSIONS
         self.refresh = refresh
         self.memo_entries = memo_entries
         self.started_ns = time.time_ns()
