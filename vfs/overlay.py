@@ -53,9 +53,9 @@ from strata.catalog import paths
 from strata.catalog.blobs import HashStopped, hash_file
 from strata.catalog.manifest import Entry
 from strata.storage.cache import copy_range
-from strata.vfs.errors import (Exists, InvalidArgument, IsADirectory, NoEntry, NotADirectory,
+from strata.vfs.errors import (Exists, InvalidArgument, IsADirectory, NotADirectory,
                                NotEmpty, NotPermitted)
-from strata.vfs.views import DIR, FILE, LINK, Node, View, missing
+from strata.vfs.views import DIR, FILE, LINK, Node, View, folder_node, missing, moved
 
 log = logging.getLogger("strata.vfs")
 
@@ -367,7 +367,7 @@ class OverlayView:
         if n is None:
             return None
         # keep `upper`: a lower overlay (the generation being committed) holds bytes there
-        return Node(path, n.kind, n.size, n.mode, n.mtime_ns, n.version, n.entry, n.upper)
+        return moved(n, path)
 
     def _node_of_row(self, row: Row) -> Node | None:
         if row.kind == "w":
@@ -405,18 +405,12 @@ class OverlayView:
 
     def listdir(self, path: str) -> list[Node]:
         with self._lock:
-            node = self.lookup(path)
-            if node is None:
-                raise NoEntry(path)
-            if not node.is_dir:
-                raise NotADirectory(path)
+            folder_node(self, path)
             out: dict[str, Node] = {}
             lp = self.lower_path(path)
             if lp is not None and self.lower.lookup(lp) is not None:
                 for n in self.lower.listdir(lp):
-                    child = paths.join(path, n.name)
-                    out[n.name] = Node(child, n.kind, n.size, n.mode, n.mtime_ns, n.version,
-                                       n.entry, n.upper)
+                    out[n.name] = moved(n, paths.join(path, n.name))
             for row in self.overlay.children(path):
                 name = paths.name_of(row.path)
                 n = self._node_of_row(row)

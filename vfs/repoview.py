@@ -28,8 +28,7 @@ from cachetools import LRUCache
 from strata.catalog import layout
 from strata.catalog.manifest import Entry
 from strata.catalog.records import VersionRecord, highest
-from strata.vfs.errors import NoEntry, NotADirectory
-from strata.vfs.views import DIR, LINK, Node, VersionView
+from strata.vfs.views import DIR, LINK, EntryReads, Node, VersionView, folder_node, moved
 
 ALL_VERSIONS = "all"   # the version argument of a repository mount (not a version id)
 BY_ID, BY_NAME, LATEST = "by-id", "by-name", "latest"
@@ -47,7 +46,7 @@ class _Listing:
         self.stamp = stamp
 
 
-class RepositoryView:
+class RepositoryView(EntryReads):
     """The read-only tree of every completed version of `repo` (see the module doc)."""
 
     def __init__(self, repo, reader, *, views: int = 32, memo_entries: int = 50_000,
@@ -164,7 +163,7 @@ class RepositoryView:
             if view is None:
                 return None
             n = view.lookup("/".join(parts[2:]))
-            return None if n is None else _moved(n, path)
+            return None if n is None else moved(n, path)
         if top != BY_NAME or len(parts) > 4:
             return None
         if len(parts) == 1:
@@ -194,17 +193,13 @@ class RepositoryView:
         return self._link(path, f"../../../{BY_ID}/{vid}", created, vid)
 
     def listdir(self, path: str) -> list[Node]:
-        node = self.lookup(path)
-        if node is None:
-            raise NoEntry(path)
-        if not node.is_dir:
-            raise NotADirectory(path)
+        folder_node(self, path)
         parts = path.split("/") if path else []
         if not parts:
             return [self.lookup(BY_ID), self.lookup(BY_NAME)]
         if parts[0] == BY_ID and len(parts) >= 2:
             inner = "/".join(parts[2:])
-            return [_moved(n, f"{path}/{n.name}") for n in self._view(parts[1]).listdir(inner)]
+            return [moved(n, f"{path}/{n.name}") for n in self._view(parts[1]).listdir(inner)]
         if parts[0] == BY_ID:
             names = self._ids().value
         elif len(parts) == 1:
@@ -221,19 +216,5 @@ class RepositoryView:
         """True for names whose meaning can change while mounted (the catalog's)."""
         return not path.startswith(BY_ID + "/") or path.count("/") < 2
 
-    # ---- read ----------------------------------------------------------------------
-    def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
-        return self.reader.read(node.entry, offset, size, hint)
-
-    def read_into(self, node: Node, offset: int, buf, hint=None) -> int:
-        return self.reader.read_into(node.entry, offset, buf, hint)
-
-    def copy_to(self, node: Node, fd: int) -> None:
-        self.reader.copy_to(node.entry, fd)
-
     def totals(self) -> tuple[int, int]:
         return 0, 0
-
-
-def _moved(n: Node, path: str) -> Node:
-    return Node(path, n.kind, n.size, n.mode, n.mtime_ns, n.version, n.entry, n.upper)

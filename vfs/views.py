@@ -83,7 +83,36 @@ class View(Protocol):
         ...
 
 
-class VersionView:
+def moved(n: Node, path: str) -> Node:
+    """Node `n` shown at another path (a view inside another view)."""
+    return Node(path, n.kind, n.size, n.mode, n.mtime_ns, n.version, n.entry, n.upper)
+
+
+def folder_node(view, path: str) -> Node:
+    """The node of folder `path` of `view`; ENOENT if it is missing, ENOTDIR if it is
+    not a folder."""
+    node = view.lookup(path)
+    if node is None:
+        raise NoEntry(path)
+    if not node.is_dir:
+        raise NotADirectory(path)
+    return node
+
+
+class EntryReads:
+    """Reads of version files: their manifest entries through `self.reader` (a Reader)."""
+
+    def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
+        return self.reader.read(node.entry, offset, size, hint)
+
+    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+        return self.reader.read_into(node.entry, offset, buf, hint)
+
+    def copy_to(self, node: Node, fd: int) -> None:
+        self.reader.copy_to(node.entry, fd)
+
+
+class VersionView(EntryReads):
     """The merged, lazily resolved tree of a final version."""
 
     def __init__(self, repo, version_id: str, reader, *, memo_entries: int = 200_000,
@@ -161,11 +190,7 @@ class VersionView:
 
     # ---- listdir -----------------------------------------------------------------------
     def listdir(self, path: str) -> list[Node]:
-        node = self.lookup(path)
-        if node is None:
-            raise NoEntry(path)
-        if not node.is_dir:
-            raise NotADirectory(path)
+        folder_node(self, path)
         children = self._children(self.version_id, path)
         return sorted(children.values(), key=lambda n: n.name)
 
@@ -210,16 +235,6 @@ class VersionView:
                 for n in out.values():
                     self._lookups[(self.version_id, n.path)] = n
         return out
-
-    # ---- read --------------------------------------------------------------------------
-    def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
-        return self.reader.read(node.entry, offset, size, hint)
-
-    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
-        return self.reader.read_into(node.entry, offset, buf, hint)
-
-    def copy_to(self, node: Node, fd: int) -> None:
-        self.reader.copy_to(node.entry, fd)
 
     def totals(self) -> tuple[int, int]:
         """(files, bytes) of the whole version, from its record (no manifest walk)."""
