@@ -146,3 +146,49 @@ def _refuse(fd: int) -> None:
 def _remember_refusal(dev: int) -> None:
     with _refused_lock:
         _refused.add(dev)
+
+
+def write_at(path: str, data: Buffer, offset: int) -> None:
+    """Write `data` at `offset` of the existing file `path`, past the page cache where the
+    filesystem allows it (offset a multiple of ALIGN). A last partial block goes out padded
+    with zeros: the caller truncates the file to its size once it is whole."""
+    view = memoryview(data).cast("B")
+    direct = (len(view) >= MIN_DIRECT and offset % ALIGN == 0 and enabled()
+              and not _refused_here(path))
+    flags = os.O_WRONLY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | (_O_DIRECT if direct else 0))
+    except OSError as exc:
+        if not direct or exc.errno != errno.EINVAL:
+            raise
+        _remember_refusal(os.stat(os.path.dirname(path) or ".").st_dev)
+        direct = False
+        fd = os.open(path, flags)
+    try:
+        if direct:
+            try:
+                _write_pieces_at(fd, view, offset)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _remember_refusal(os.fstat(fd).st_dev)
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    finally:
+        os.close(fd)
+
+
+def _write_pieces_at(fd: int, view: memoryview, offset: int) -> None:
+    buf = _buffer()
+    at = 0
+    while at < len(view):
+        n = min(PIECE, len(view) - at)
+        buf[:n] = view[at:at + n]
+        padded = -(-n // ALIGN) * ALIGN
+        if padded != n:
+            buf[n:padded] = bytes(padded - n)
+        _pwrite_aligned(fd, buf, padded, offset + at)
+        at += n
