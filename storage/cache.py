@@ -2,7 +2,16 @@
 bytes) shared by every mount and command of a user (DESIGN.md, "The mount").
 
     units/<aa>/<sha256>     one file per unit, named by the sha256 of its bytes
+    files/<aa>/<key>        whole files: a multi-chunk file read from start to end, its
+                            chunks assembled in place (key: the sha256 of its chunk list)
     index.db                SQLite (WAL): unit -> size, last access; shared by processes
+
+A whole file is what lets the mount hand a cached file to the kernel (FUSE passthrough:
+later reads never reach the mount process). It is built beside the chunk units while a
+reader goes through the file (`WholeFile`: every chunk verified, written at its offset
+into a temp file, renamed in once complete); the file's chunk units are then dropped,
+since the whole file serves their bytes. Its index row is `file-<key>`; eviction treats
+it as one unit.
 
 A unit is fetched through a caller-supplied function (the cache knows nothing of
 backends), checked against its name, refetched once on a mismatch, and only then handed
@@ -39,12 +48,13 @@ from strata.storage.errors import Corrupt
 
 log = logging.getLogger("strata.cache")
 
+WHOLE = "file-"             # index id prefix of whole files
 TOUCH_INTERVAL = 30.0      # seconds between access-time updates of one unit in the index
 EVICT_BATCH = 256
 T = TypeVar("T")
 
 
-def _on_file(path: str, op: Callable[[int], T]) -> T | None:
+def on_file(path: str, op: Callable[[int], T]) -> T | None:
     """`op(fd)` on the file at `path` opened for reading, or None if it does not exist."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -54,6 +64,12 @@ def _on_file(path: str, op: Callable[[int], T]) -> T | None:
         return op(fd)
     finally:
         os.close(fd)
+
+
+def whole_key(chunks: bytes) -> str:
+    """The name of a multi-chunk file's whole copy: the sha256 of its chunk list (the
+    chunk ids' 32-byte digests one after the other), so equal files share one copy."""
+    return hashlib.sha256(chunks).hexdigest()
 
 
 @dataclass
@@ -186,6 +202,12 @@ class UnitCache:
         self.units = self.root / "units"
         self._units = str(self.units)
         self.units.mkdir(parents=True, exist_ok=True)
+        self.files = self.root / "files"
+        self._files = str(self.files)
+        self.files.mkdir(exist_ok=True)
+        self._builders: dict[str, WholeFile] = {}
+        self._wanted: dict[str, list[tuple[WholeFile, int]]] = {}   # chunk -> builders
+        self._superseded: set[str] = set()   # units to drop once written (whole files)
         self.limit = int(limit)
         self.stats = CacheStats()
         self._lock = threading.Lock()
@@ -218,11 +240,28 @@ class UnitCache:
         return db
 
     def path_of(self, unit: str) -> Path:
-        return self.units / unit[:2] / unit
+        return Path(self._file(unit))
 
     def _file(self, unit: str) -> str:
         # a string, not a Path: this runs on every read
+        if unit.startswith(WHOLE):
+            key = unit[len(WHOLE):]
+            return f"{self._files}/{key[:2]}/{key}"
         return f"{self._units}/{unit[:2]}/{unit}"
+
+    def local_file(self, unit: str, size: int) -> str | None:
+        """The path of the cached file holding exactly the `size` bytes of `unit` (a unit,
+        or WHOLE + key for a whole file), or None. Counts as an access."""
+        path = self._file(unit)
+        try:
+            if os.stat(path).st_size != size:
+                return None
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            self.stats.hits += 1
+        self._touch(unit)
+        return path
 
     # ---- the one entry point for readers ----------------------------------------------
     def read(self, unit: str, offset: int, size: int, fetch: Callable[[], bytes],
@@ -253,7 +292,7 @@ class UnitCache:
         data = self._hot_get(unit)
         if data is None:
             path = self._file(unit)
-            got = files.use(unit, path, op) if files is not None else _on_file(path, op)
+            got = files.use(unit, path, op) if files is not None else on_file(path, op)
             if got is not None:
                 with self._lock:
                     self.stats.hits += 1
@@ -413,8 +452,18 @@ class UnitCache:
         except Exception as e:  # noqa: BLE001 - a full disk must not break reads
             log.warning("could not cache unit %s: %s", unit, e)
         finally:
+            # whole files waiting for this unit take it while it still counts as on its
+            # way (`_arriving`): a reader done meanwhile does not abandon them
+            with self._lock:
+                wanted = self._wanted.pop(unit, ())
+            for builder, idx in wanted:
+                builder.put(idx, data)
             with self._lock:
                 self._writing.discard(unit)
+                drop = unit in self._superseded
+                self._superseded.discard(unit)
+            if drop:
+                self.discard({unit})
 
     def flush(self) -> None:
         """Wait until every fetched unit is on disk."""
@@ -456,6 +505,100 @@ class UnitCache:
             if len(self._touched) > 100_000:
                 self._touched.clear()
         self._db().execute("UPDATE units SET atime=? WHERE id=?", (now, unit))
+
+    # ---- whole files ------------------------------------------------------------------
+    def assemble(self, key: str, size: int, chunk_ids: list[str],
+                 chunk_size: int) -> WholeFile | None:
+        """Start (or join) building the whole file `key` from its chunks while a reader
+        goes through it; the caller calls `release()` on the result when it is done with
+        the file. None when there is nothing to do: the file is whole already, or larger
+        than a quarter of the cache (it would push everything else out)."""
+        if size > self.limit // 4 or os.path.exists(self._file(WHOLE + key)):
+            return None
+        with self._lock:
+            builder = self._builders.get(key)
+            if builder is not None:
+                builder.users += 1
+                return builder
+        try:
+            builder = WholeFile(self, key, size, chunk_ids, chunk_size)
+        except OSError as e:
+            log.warning("could not start a whole copy of %s in the cache: %s", key, e)
+            return None
+        with self._lock:
+            other = self._builders.get(key)
+            if other is None:
+                self._builders[key] = builder
+                for idx, unit in enumerate(chunk_ids):   # first: no store slips past
+                    self._wanted.setdefault(unit, []).append((builder, idx))
+            else:
+                other.users += 1
+        if other is not None:
+            builder.abandon()
+            return other
+        # the chunks the cache has already, from memory or read back from their files;
+        # those still on their way to disk come with their store (`_wanted`), so that
+        # the whole file is not complete before them and they are dropped with the rest
+        for idx, unit in enumerate(chunk_ids):
+            with self._lock:
+                data = None if unit in self._writing else self._hot.get(unit)
+                if unit in self._writing or unit in self._inflight:
+                    continue
+            if data is not None:
+                self._writer.submit(builder.put, idx, data)
+            elif os.path.exists(self._file(unit)):
+                self._writer.submit(builder.copy_unit, idx, unit)
+        return builder
+
+    def _arriving(self, units: list[str]) -> bool:
+        with self._lock:
+            return all(u in self._writing or u in self._inflight for u in units)
+
+    def _forget_builder(self, builder: WholeFile) -> None:
+        with self._lock:
+            if self._builders.get(builder.key) is builder:
+                del self._builders[builder.key]
+            for unit in set(builder.ids):
+                left = [w for w in self._wanted.get(unit, ()) if w[0] is not builder]
+                if left:
+                    self._wanted[unit] = left
+                else:
+                    self._wanted.pop(unit, None)
+
+    def _add_whole(self, builder: WholeFile) -> None:
+        """A whole file is complete at `builder.tmp`: rename it in, index it, and drop its
+        chunk units (the whole file serves their bytes from now on)."""
+        unit = WHOLE + builder.key
+        path = self._file(unit)
+        self._db().execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
+                           (unit, builder.size, time.time()))
+        os.replace(builder.tmp, path)
+        builder.installed = True     # its readers go on from the whole file
+        self._forget_builder(builder)
+        self.discard(set(builder.ids))
+        with self._lock:
+            self._since_check += builder.size
+        self.evict()
+
+    def discard(self, units: set[str]) -> None:
+        """Remove these units from the cache, except any this process is using (a unit
+        still being written is removed once it is on disk)."""
+        db = self._db()
+        for unit in units:
+            with self._lock:
+                if unit in self._writing or unit in self._inflight:
+                    self._superseded.add(unit)
+                    continue
+                if unit in self._pins:
+                    continue
+                data = self._hot.pop(unit, None)
+                if data is not None:
+                    self._hot_bytes -= len(data)
+            db.execute("DELETE FROM units WHERE id=?", (unit,))
+            try:
+                os.unlink(self._file(unit))
+            except FileNotFoundError:
+                pass
 
     # ---- size limit -------------------------------------------------------------------
     def usage(self) -> tuple[int, int]:
@@ -508,15 +651,16 @@ class UnitCache:
         db = self._db()
         known = {r[0] for r in db.execute("SELECT id FROM units")}
         present = {}
-        for sub in self.units.iterdir():
-            if not sub.is_dir():
-                continue
-            for f in sub.iterdir():
-                if f.name.startswith("."):
-                    if time.time() - f.stat().st_mtime > 3600:
-                        f.unlink(missing_ok=True)  # a temp file left by a crash
+        for folder, prefix in ((self.units, ""), (self.files, WHOLE)):
+            for sub in folder.iterdir():
+                if not sub.is_dir():
                     continue
-                present[f.name] = f.stat()
+                for f in sub.iterdir():
+                    if f.name.startswith("."):
+                        if time.time() - f.stat().st_mtime > 3600:
+                            f.unlink(missing_ok=True)  # a temp file left by a crash
+                        continue
+                    present[prefix + f.name] = f.stat()
         added = [(u, st.st_size, st.st_atime) for u, st in present.items() if u not in known]
         dropped = [(u,) for u in known if u not in present]
         db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?)", added)
@@ -525,7 +669,111 @@ class UnitCache:
 
     def close(self) -> None:
         self._writer.shutdown(wait=True)
+        with self._lock:
+            builders = list(self._builders.values())
+        for builder in builders:   # readers that never released theirs: no temp left
+            builder.abandon()
         db = getattr(self._local, "db", None)
         if db is not None:
             db.close()
             self._local.db = None
+
+
+class WholeFile:
+    """One multi-chunk file being assembled in the cache (`UnitCache.assemble`): each
+    chunk, once verified, is written at its offset of a temp file (past the page cache);
+    when the last one is in, the file is renamed into files/ and indexed. Chunks arrive
+    from memory as they are fetched (`put`) or are read back from their unit files
+    (`copy_unit`, verified again). A builder whose readers are all gone before it is
+    complete is abandoned and its temp file removed: the chunk units stay as they are."""
+
+    def __init__(self, cache: UnitCache, key: str, size: int, ids: list[str],
+                 chunk_size: int):
+        self.cache, self.key, self.size, self.ids = cache, key, size, ids
+        self.chunk_size = chunk_size
+        self.missing = set(range(len(ids)))
+        self.users = 1
+        self.writes = 0            # puts in progress
+        self.state = "building"    # then "complete", or "dropped" (abandoned or failed)
+        self.installed = False     # complete and renamed into files/
+        self._lock = threading.Lock()
+        folder = os.path.join(cache._files, key[:2])
+        os.makedirs(folder, exist_ok=True)
+        self.tmp = os.path.join(folder, f".{key}.{os.getpid()}.{threading.get_ident()}.tmp")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        os.close(fd)
+
+    def put(self, idx: int, data: bytes) -> None:
+        with self._lock:
+            if self.state != "building" or idx not in self.missing:
+                return
+            self.writes += 1
+        ok = False
+        try:
+            directio.write_at(self.tmp, data, idx * self.chunk_size)
+            ok = True
+        except OSError as e:
+            log.warning("whole copy of %s in the cache abandoned: %s", self.key, e)
+        finish = False
+        with self._lock:
+            self.writes -= 1
+            if ok:
+                self.missing.discard(idx)
+            if self.state == "building":
+                if not ok:
+                    self.state = "dropped"
+                elif not self.missing:
+                    self.state = finish = "complete"
+            cleanup = self.state == "dropped" and not self.writes
+        if finish:
+            self._complete()
+        elif cleanup:
+            self._remove()
+
+    def copy_unit(self, idx: int, unit: str) -> None:
+        data = on_file(self.cache._file(unit), lambda fd: os.pread(fd, self.chunk_size, 0))
+        if data is not None and hashlib.sha256(data).hexdigest() == unit:
+            self.put(idx, data)
+        # else evicted meanwhile (or damaged): the reader's own fetch may still bring it
+
+    def _complete(self) -> None:
+        try:
+            os.truncate(self.tmp, self.size)   # drop the padding of the last block
+            self.cache._add_whole(self)
+        except Exception as e:  # noqa: BLE001 - a full disk must not break reads
+            log.warning("could not add the whole copy of %s to the cache: %s", self.key, e)
+            self._remove()
+
+    @property
+    def path(self) -> str | None:
+        """The whole file's path once it is complete."""
+        return self.cache._file(WHOLE + self.key) if self.installed else None
+
+    def release(self) -> None:
+        """One reader less. The last one abandons an incomplete build, unless the chunks
+        it lacks are all on their way (fetched, or being written to the cache: a reader
+        is served before the disk write of what it read)."""
+        with self._lock:
+            self.users -= 1
+            if self.users or self.state != "building":
+                return
+            missing = [self.ids[i] for i in self.missing]
+        if not self.cache._arriving(missing):
+            self.abandon()
+
+    def abandon(self) -> None:
+        with self._lock:
+            if self.state == "complete":
+                return
+            self.state = "dropped"
+            cleanup = not self.writes   # else the last put still writing cleans up
+        self.cache._forget_builder(self)
+        if cleanup:
+            self._remove()
+
+    def _remove(self) -> None:
+        self.cache._forget_builder(self)
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass

@@ -46,6 +46,7 @@ class Handle:
     upper: str | None = None    # the upper file `fd` is open on
     writable: bool = False
     wrote: bool = False         # a write or truncate went through this handle
+    local: int | None = None    # a read-only mount's cached copy of the file, if whole
 
 
 @dataclass
@@ -282,10 +283,19 @@ class Filesystem:
 
     def passthrough_fd(self, fh: int) -> int | None:
         """The descriptor of the local file holding all the bytes of a read-only handle
-        (an upper file of a writable mount), which the kernel may read directly; None
-        when reads must come through `read_into`."""
+        (an upper file of a writable mount; in a read-only mount, the file's copy in the
+        cache when it has a whole one), which the kernel may read directly; None when
+        reads must come through `read_into`."""
         h = self._handle(fh)
-        return h.fd if h.fd is not None and not h.writable else None
+        if self.writable:
+            return h.fd if h.fd is not None and not h.writable else None
+        if h.local is None:
+            path = self.view.local_file(h.node)
+            try:
+                h.local = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if path else None
+            except FileNotFoundError:   # evicted meanwhile
+                return None
+        return h.local
 
     def release(self, fh: int) -> None:
         with self._op():
@@ -295,6 +305,8 @@ class Filesystem:
                 h.stream.close()
                 if h.fd is not None:
                     os.close(h.fd)
+                if h.local is not None:
+                    os.close(h.local)
                 if h.wrote and not self._writers_of(h.upper):
                     self.view.settled(h.upper)
 

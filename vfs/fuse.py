@@ -677,7 +677,7 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, on_ready=None,
     ops = operations or FuseOperations(fs, on_ready=on_ready)
     # a version's symlinks never change; a repository mount's (by-name/.../latest) do,
     # and the kernel drops a cached symlink target only when it forgets the inode
-    config = k.Config(passthrough=fs.writable,
+    config = k.Config(passthrough=True,
                       cache_symlinks=not fs.writable and ops._volatile is None)
     fd = k.mount(mountpoint, fsname=fsname, subtype="strata", readonly=not fs.writable,
                  helper=helper)
@@ -695,7 +695,8 @@ def serve(fs: Filesystem, mountpoint: str, *, fsname: str, on_ready=None,
     try:
         channel.init(ops.on_ready)
         if channel.passthrough:
-            log.info("passthrough reads of upper files: granted by the kernel")
+            log.info("passthrough reads (of cached files, or of upper files): granted by "
+                     "the kernel")
         channel.serve(ops.handle)
     except BaseException:
         k.unmount(mountpoint)

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 from strata.catalog.external import read_external_range
 from strata.catalog.manifest import Entry
-from strata.storage.cache import UnitCache, UnitFiles
+from strata.storage.cache import (WHOLE, UnitCache, UnitFiles, WholeFile, on_file,
+                                  copy_range, whole_key)
 
 import logging
 
@@ -42,9 +43,15 @@ class Stream:
     ahead_until: int = 0     # chunk index up to which prefetches were scheduled
     lock: threading.Lock = field(default_factory=threading.Lock)
     files: UnitFiles = field(default_factory=UnitFiles)
+    looked: bool = False              # whether the cache was asked for a whole file
+    whole: str | None = None          # the cached whole file this stream reads
+    builder: WholeFile | None = None  # the whole file this stream helps build
 
     def close(self) -> None:
         self.files.close()
+        if self.builder is not None:
+            self.builder.release()
+            self.builder = None
 
 
 COPY_BLOCK = 8 << 20
@@ -83,6 +90,9 @@ class Reader:
                 entry.sha256, offset, size,
                 lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
                 f"{entry.path} (pack {entry.pack})")
+        if stream is not None and len(entry.chunks) > 32:
+            buf = bytearray(size)
+            return bytes(buf[:self.read_into(entry, offset, memoryview(buf), stream)])
         if stream is not None:
             self._readahead(entry, offset, size, stream)
         parts = []
@@ -109,6 +119,10 @@ class Reader:
             buf[:len(data)] = data
             return len(data)
         if stream is not None:
+            if len(entry.chunks) > 32:
+                n = self._read_whole(entry, offset, buf[:size], stream)
+                if n is not None:
+                    return n
             self._readahead(entry, offset, size, stream)
         files = None if stream is None else stream.files
         done = 0
@@ -124,6 +138,40 @@ class Reader:
                 break   # a short unit: as `read`, the reply ends there
         return done
 
+    def _read_whole(self, entry: Entry, offset: int, buf: memoryview,
+                    s: Stream) -> int | None:
+        """Read a multi-chunk file from its whole copy in the cache, if it has one (asked
+        once per stream); None if it has not. A stream that starts at the beginning of a
+        file without a whole copy helps build one (`UnitCache.assemble`)."""
+        if not s.looked:
+            with s.lock:
+                if not s.looked:
+                    key = whole_key(entry.chunks)
+                    s.whole = self.cache.local_file(WHOLE + key, entry.size)
+                    if s.whole is None and offset == 0:
+                        s.builder = self.cache.assemble(key, entry.size, entry.chunk_ids,
+                                                        self.chunk_size)
+                    s.looked = True
+        if s.whole is None and s.builder is not None:
+            s.whole = s.builder.path   # completed while this stream reads: go on there
+        if s.whole is None:
+            return None
+        n = s.files.use(s.whole, s.whole, lambda fd: os.preadv(fd, [buf], offset))
+        if n is None:   # evicted before this stream opened it: back to the chunks
+            s.whole = None
+        return n
+
+    def local_file(self, entry: Entry) -> str | None:
+        """A file in the cache holding exactly this entry's bytes (a small file's unit, a
+        one-chunk file's chunk, or a whole copy), which the kernel may read itself."""
+        if entry.kind == "x" or entry.size == 0:
+            return None
+        if entry.pack:
+            return self.cache.local_file(entry.sha256, entry.size)
+        if len(entry.chunks) == 32:
+            return self.cache.local_file(entry.chunks.hex(), entry.size)
+        return self.cache.local_file(WHOLE + whole_key(entry.chunks), entry.size)
+
     def copy_to(self, entry: Entry, fd: int) -> None:
         """Write the whole file into descriptor `fd` (a copy-up). The chunks go in parallel
         on the readahead pool, each straight from its cached unit file, or fetched and
@@ -131,6 +179,10 @@ class Reader:
         and external links are one read."""
         if entry.kind == "x" or entry.pack or not entry.chunks:
             copy_by_reads(lambda off, n: self.read(entry, off, n), entry.size, fd)
+            return
+        whole = self.local_file(entry) if len(entry.chunks) > 32 else None
+        if whole is not None and on_file(
+                whole, lambda src: copy_range(src, fd, entry.size, 0)) == entry.size:
             return
         cs = self.chunk_size
         jobs = []

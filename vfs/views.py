@@ -111,6 +111,9 @@ class EntryReads:
     def copy_to(self, node: Node, fd: int) -> None:
         self.reader.copy_to(node.entry, fd)
 
+    def local_file(self, node: Node) -> str | None:
+        return self.reader.local_file(node.entry)
+
 
 class VersionView(EntryReads):
     """The merged, lazily resolved tree of a final version."""

@@ -291,17 +291,26 @@ def cache_dir() -> Path:
 
 
 def cached_units() -> dict[str, int]:
-    """{unit: size} of the unit files in the cache, asserting each hashes to its name."""
-    units = cache_dir() / "units"
+    """{unit: size} of the unit files in the cache, asserting each hashes to its name, and
+    {"file-<key>": size} of its whole files, asserting each is the file of chunk list
+    `key` (the sha256 of its CHUNK-sized pieces' digests)."""
     out = {}
-    for sub in units.iterdir() if units.exists() else ():
-        for f in sub.iterdir():
-            if f.name.startswith("."):
-                continue  # a temp file being written
-            data = f.read_bytes()
-            assert hashlib.sha256(data).hexdigest() == f.name, f"corrupt unit in cache: {f}"
-            assert sub.name == f.name[:2]
-            out[f.name] = len(data)
+    for folder, prefix in (("units", ""), ("files", "file-")):
+        base = cache_dir() / folder
+        for sub in base.iterdir() if base.exists() else ():
+            for f in sub.iterdir():
+                if f.name.startswith("."):
+                    continue  # a temp file being written
+                data = f.read_bytes()
+                if prefix:
+                    digests = b"".join(hashlib.sha256(data[i:i + CHUNK]).digest()
+                                       for i in range(0, len(data), CHUNK))
+                    name = hashlib.sha256(digests).hexdigest()
+                else:
+                    name = hashlib.sha256(data).hexdigest()
+                assert name == f.name, f"corrupt {folder[:-1]} in cache: {f}"
+                assert sub.name == f.name[:2]
+                out[prefix + f.name] = len(data)
     return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import random
 import time
@@ -16,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from strata.catalog.dataset import Dataset
-from tests.e2e.conftest import (CHUNK, READY, cached_units, index_rows, snapshot, strata,
-                                wait_for)
+from strata.storage.cache import whole_key
+from tests.e2e.conftest import (CHUNK, READY, cache_dir, cached_units, index_rows, snapshot,
+                                strata, wait_for)
 
 
 def entry(repo_url, version_id, path):
@@ -82,8 +84,9 @@ def test_two_mounts_share_one_cache(build, mounts):
     assert cached_units() == {}
     assert (m1 / "shared.bin").read_bytes() == shared
     assert (m1 / "same.txt").read_bytes() == b"in both versions\n"
-    wanted = set(entry(build.repo_url, v1, "shared.bin").chunk_ids) | {
-        entry(build.repo_url, v1, "same.txt").sha256}
+    # shared.bin, read from start to end, is kept whole (its chunk units dropped)
+    wanted = {"file-" + whole_key(entry(build.repo_url, v1, "shared.bin").chunks),
+              entry(build.repo_url, v1, "same.txt").sha256}
     # units are served from memory first and reach the disk right after: wait for them
     deadline = time.monotonic() + 30
     while set(cached_units()) != wanted and time.monotonic() < deadline:
@@ -207,3 +210,46 @@ def test_eviction_under_a_small_cache_limit(build, mounts):
     units = cached_units()
     assert sum(units.values()) <= limit + slack
     assert set(index_rows()) == set(units)
+
+
+def test_a_cached_file_is_handed_to_the_kernel(build, mounts):
+    # a file read to its end is kept whole in the cache; from the next open on, the
+    # kernel reads that copy itself (FUSE passthrough), so later reads are local reads
+    rng = random.Random(9)
+    big = rng.randbytes(CHUNK * 6 + 5)
+    vid = build.version({"big.bin": big, "small.txt": b"tiny\n" * 3})
+    mnt = mounts.folder()
+    mounts.start(vid, build.repo_url)
+    assert (mnt / "big.bin").read_bytes() == big
+    key = whole_key(entry(build.repo_url, vid, "big.bin").chunks)
+    wait_for(lambda: "file-" + key in cached_units(), READY, "a whole copy of big.bin")
+    mounts.unmount(mnt)
+    blobs = os.path.join(build.repo_url, "blobs")
+    os.rename(blobs, blobs + ".away")   # what follows needs no storage
+    try:
+        info = mounts.start(vid, build.repo_url)
+
+        def held():
+            fds = f"/proc/{info.pid}/fd"
+            return {os.path.realpath(os.path.join(fds, n)) for n in os.listdir(fds)}
+        whole = str((cache_dir() / "files" / key[:2] / key).resolve())
+        assert whole not in held()
+        with open(mnt / "big.bin", "rb") as f:
+            assert whole in held()    # opened for the kernel at open, before any read
+            assert f.read() == big
+            # the cache cleared under an open file: the kernel keeps reading its copy
+            assert strata("cache", "clear").returncode == 0
+            assert "file-" + key not in cached_units()
+            f.seek(CHUNK * 3 + 1)
+            assert f.read(CHUNK) == big[CHUNK * 3 + 1:CHUNK * 4 + 1]
+            with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+                assert mm[CHUNK - 7:CHUNK + 9] == big[CHUNK - 7:CHUNK + 9]
+        # closed with the file (the kernel sends its release after close returns)
+        wait_for(lambda: whole not in held(), READY, "the cached copy to be closed")
+        # gone from the cache and the storage away: a new open must fail cleanly
+        with pytest.raises(OSError) as e:
+            (mnt / "big.bin").read_bytes()
+        assert e.value.errno == errno.EIO
+    finally:
+        os.rename(blobs + ".away", blobs)
+    assert (mnt / "big.bin").read_bytes() == big

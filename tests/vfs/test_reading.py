@@ -103,10 +103,13 @@ def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
     for off in range(0, CHUNK * 2, step):
         assert m.fs.read(fh, off, step) == data[off:off + step]
     ids = m.view.lookup("big").entry.chunk_ids
+
+    def fetched_ahead():   # fetched from storage (kept as units, or in a whole copy)
+        return all(layout.blob_key(c) in m.counting.keys_read for c in ids[2:5])
     deadline = time.monotonic() + 10
-    while not all(m.cache.contains(c) for c in ids[2:5]) and time.monotonic() < deadline:
+    while not fetched_ahead() and time.monotonic() < deadline:
         time.sleep(0.01)   # waiting on an observable condition, bounded
-    assert all(m.cache.contains(c) for c in ids[2:5]), "chunks ahead were prefetched"
+    assert fetched_ahead(), "chunks ahead were prefetched"
     m.fs.release(fh)
 
 
@@ -292,3 +295,75 @@ def test_read_into_a_buffer_gives_the_same_bytes_as_read(repo_url, tmp_path, mou
     rw.write(fh, 5, b"XYZ")
     assert bytes(buf[:rw.read_into(fh, 0, buf)]) == data[:5] + b"XYZ" + data[8:100]
     rw.release(fh)
+
+
+def wait_until(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (got := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.01)   # waiting on an observable condition, bounded
+    assert got, what
+    return got
+
+
+def test_a_file_read_to_its_end_is_kept_whole_and_read_from_there(repo_url, tmp_path,
+                                                                 mounted):
+    data = os.urandom(CHUNK * 5 + 999)
+    part = os.urandom(CHUNK * 4)
+    ds = make(repo_url, tmp_path, {"big": data, "part": part, "one": os.urandom(CHUNK),
+                                   "small": b"s" * 300})
+    m = mounted(repo_url, ds.id)
+    entry = m.view.lookup("big").entry
+    assert m.reader.local_file(entry) is None
+    fh = m.fs.open("big", os.O_RDONLY)
+    assert b"".join(m.fs.read(fh, off, 50_000) for off in range(0, len(data), 50_000)) == data
+    m.fs.release(fh)
+    path = wait_until(lambda: m.reader.local_file(entry), "a whole copy of big")
+    assert open(path, "rb").read() == data
+    # its chunk units are gone: the whole copy serves their bytes
+    wait_until(lambda: not any(m.cache.contains(c) for c in entry.chunk_ids),
+               "the chunk units of big dropped")
+    # a reader of big now reads the whole copy, without storage
+    m.counting.reset()
+    fh = m.fs.open("big", os.O_RDONLY)
+    assert m.fs.read(fh, CHUNK * 2 - 10, CHUNK) == data[CHUNK * 2 - 10:CHUNK * 3 - 10]
+    m.fs.release(fh)
+    assert m.counting.calls["read"] == 0 and m.counting.calls["read_range"] == 0
+    # a file read in part is not kept whole and leaves no temp file
+    fh = m.fs.open("part", os.O_RDONLY)
+    assert m.fs.read(fh, 0, CHUNK + 1) == part[:CHUNK + 1]
+    m.fs.release(fh)
+    m.cache.flush()
+    wait_until(lambda: not list(m.cache.files.rglob(".*")), "no temp file left")
+    assert m.reader.local_file(m.view.lookup("part").entry) is None
+    # one-chunk and small files: their one unit is their local copy
+    assert m.fs.read_path("one") and m.fs.read_path("small") == b"s" * 300
+    m.cache.flush()
+    for name in ("one", "small"):
+        local = m.reader.local_file(m.view.lookup(name).entry)
+        assert local and open(local, "rb").read() == m.fs.read_path(name)
+    # evicted: readers go back to the chunks and the storage
+    m.cache.clear()
+    assert m.reader.local_file(entry) is None
+    assert m.fs.read_path("big") == data
+
+
+def test_a_whole_copy_is_verified_chunk_by_chunk(repo_url, tmp_path, mounted):
+    # chunks already cached are read back and checked before they join a whole copy
+    data = os.urandom(CHUNK * 3)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    entry = m.view.lookup("big").entry
+    assert m.fs.read_path("big", CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    m.cache.flush()
+    unit = m.cache.path_of(entry.chunk_ids[1])
+    raw = bytearray(unit.read_bytes())
+    raw[7] ^= 1
+    unit.write_bytes(bytes(raw))      # damaged on disk after it was verified
+    m2 = mounted(repo_url, ds.id)     # another process: nothing of it in memory
+    fh = m2.fs.open("big", os.O_RDONLY)
+    for off in range(0, len(data), CHUNK):
+        m2.fs.read(fh, off, CHUNK)
+    m2.fs.release(fh)
+    m2.cache.flush()
+    wait_until(lambda: not list(m2.cache.files.rglob(".*")), "no temp file left")
+    assert m2.reader.local_file(entry) is None   # never made from bad bytes
