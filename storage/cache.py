@@ -448,16 +448,17 @@ class UnitCache:
 
     def _store_pending(self, unit: str, data: bytes) -> None:
         try:
-            self.store(unit, data)
+            # whole files waiting for this unit take it while it still counts as on its
+            # way (`_arriving`: a reader done meanwhile does not abandon them); one that
+            # takes it keeps it instead of a unit file (one disk write, not two)
+            with self._lock:
+                wanted = self._wanted.pop(unit, ())
+            taken = [builder.take(idx, data) for builder, idx in wanted]
+            if not any(taken):
+                self.store(unit, data)
         except Exception as e:  # noqa: BLE001 - a full disk must not break reads
             log.warning("could not cache unit %s: %s", unit, e)
         finally:
-            # whole files waiting for this unit take it while it still counts as on its
-            # way (`_arriving`): a reader done meanwhile does not abandon them
-            with self._lock:
-                wanted = self._wanted.pop(unit, ())
-            for builder, idx in wanted:
-                builder.put(idx, data)
             with self._lock:
                 self._writing.discard(unit)
                 drop = unit in self._superseded
@@ -591,9 +592,8 @@ class UnitCache:
                     continue
                 if unit in self._pins:
                     continue
-                data = self._hot.pop(unit, None)
-                if data is not None:
-                    self._hot_bytes -= len(data)
+            # its bytes may stay in memory (`_hot`): a reader between the two copies
+            # finds them there instead of fetching them again
             db.execute("DELETE FROM units WHERE id=?", (unit,))
             try:
                 os.unlink(self._file(unit))
@@ -696,6 +696,7 @@ class WholeFile:
         self.writes = 0            # puts in progress
         self.state = "building"    # then "complete", or "dropped" (abandoned or failed)
         self.installed = False     # complete and renamed into files/
+        self.taken: set[int] = set()   # chunks this file holds in place of unit files
         self._lock = threading.Lock()
         folder = os.path.join(cache._files, key[:2])
         os.makedirs(folder, exist_ok=True)
@@ -703,10 +704,22 @@ class WholeFile:
         fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         os.close(fd)
 
-    def put(self, idx: int, data: bytes) -> None:
+    def take(self, idx: int, data: bytes) -> bool:
+        """`put`, for a chunk the cache does not keep as a unit file if this succeeds:
+        should the build be abandoned, it is stored as a unit then (`_remove`)."""
+        with self._lock:
+            self.taken.add(idx)
+        if self.put(idx, data):
+            return True
+        with self._lock:
+            self.taken.discard(idx)
+        return False
+
+    def put(self, idx: int, data: bytes) -> bool:
+        """Write chunk `idx`; whether this call wrote it."""
         with self._lock:
             if self.state != "building" or idx not in self.missing:
-                return
+                return False
             self.writes += 1
         ok = False
         try:
@@ -729,6 +742,7 @@ class WholeFile:
             self._complete()
         elif cleanup:
             self._remove()
+        return ok
 
     def copy_unit(self, idx: int, unit: str) -> None:
         data = on_file(self.cache._file(unit), lambda fd: os.pread(fd, self.chunk_size, 0))
@@ -768,11 +782,27 @@ class WholeFile:
             self.state = "dropped"
             cleanup = not self.writes   # else the last put still writing cleans up
         self.cache._forget_builder(self)
-        if cleanup:
-            self._remove()
+        if cleanup:   # off the reader's thread: it may store chunks (`_remove`)
+            try:
+                self.cache._writer.submit(self._remove)
+            except RuntimeError:   # the cache is closing
+                self._remove()
 
     def _remove(self) -> None:
+        """Drop the temp file, keeping first, as unit files, the chunks only it holds."""
         self.cache._forget_builder(self)
+        with self._lock:
+            kept = sorted(self.taken - self.missing)
+            self.taken.clear()
+        for idx in kept:
+            unit, offset = self.ids[idx], idx * self.chunk_size
+            size = min(self.chunk_size, self.size - offset)
+            try:
+                data = on_file(self.tmp, lambda fd: os.pread(fd, size, offset))
+                if data is not None and hashlib.sha256(data).hexdigest() == unit:
+                    self.cache.store(unit, data)
+            except OSError as e:
+                log.warning("could not keep chunk %s in the cache: %s", unit, e)
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:

@@ -315,12 +315,13 @@ def test_a_file_read_to_its_end_is_kept_whole_and_read_from_there(repo_url, tmp_
     entry = m.view.lookup("big").entry
     assert m.reader.local_file(entry) is None
     fh = m.fs.open("big", os.O_RDONLY)
-    assert b"".join(m.fs.read(fh, off, 50_000) for off in range(0, len(data), 50_000)) == data
+    got = b"".join(m.fs.read(fh, off, 50_000) for off in range(0, len(data), 50_000))
+    assert got == data
     m.fs.release(fh)
     path = wait_until(lambda: m.reader.local_file(entry), "a whole copy of big")
     assert open(path, "rb").read() == data
     # its chunk units are gone: the whole copy serves their bytes
-    wait_until(lambda: not any(m.cache.contains(c) for c in entry.chunk_ids),
+    wait_until(lambda: not any(m.cache.path_of(c).exists() for c in entry.chunk_ids),
                "the chunk units of big dropped")
     # a reader of big now reads the whole copy, without storage
     m.counting.reset()
@@ -334,7 +335,11 @@ def test_a_file_read_to_its_end_is_kept_whole_and_read_from_there(repo_url, tmp_
     m.fs.release(fh)
     m.cache.flush()
     wait_until(lambda: not list(m.cache.files.rglob(".*")), "no temp file left")
-    assert m.reader.local_file(m.view.lookup("part").entry) is None
+    part_entry = m.view.lookup("part").entry
+    assert m.reader.local_file(part_entry) is None
+    # and what it fetched stays cached, as unit files
+    wait_until(lambda: all(m.cache.path_of(c).exists() for c in part_entry.chunk_ids[:2]),
+               "the chunks read of part kept")
     # one-chunk and small files: their one unit is their local copy
     assert m.fs.read_path("one") and m.fs.read_path("small") == b"s" * 300
     m.cache.flush()
