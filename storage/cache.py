@@ -537,19 +537,27 @@ class UnitCache:
         if other is not None:
             builder.abandon()
             return other
-        # the chunks the cache has already, from memory or read back from their files;
-        # those still on their way to disk come with their store (`_wanted`), so that
-        # the whole file is not complete before them and they are dropped with the rest
-        for idx, unit in enumerate(chunk_ids):
+        self._writer.submit(self._feed, builder)   # off the reader's first read
+        return builder
+
+    def _feed(self, builder: WholeFile) -> None:
+        """Give a new whole file the chunks the cache has already, from memory or read
+        back from their files; those still on their way to disk come with their store
+        (`_wanted`), so that the whole file is not complete before them and they are
+        dropped with the rest."""
+        for idx, unit in enumerate(builder.ids):   # all queued until here (`WholeFile`)
             with self._lock:
                 data = None if unit in self._writing else self._hot.get(unit)
-                if unit in self._writing or unit in self._inflight:
-                    continue
-            if data is not None:
+                skip = unit in self._writing or unit in self._inflight
+            if skip:
+                builder.unqueue(idx)
+            elif data is not None:
                 self._writer.submit(builder.put, idx, data)
             elif os.path.exists(self._file(unit)):
                 self._writer.submit(builder.copy_unit, idx, unit)
-        return builder
+            else:
+                builder.unqueue(idx)
+        builder.settle()   # its readers may be gone already
 
     def _arriving(self, units: list[str]) -> bool:
         with self._lock:
@@ -697,6 +705,8 @@ class WholeFile:
         self.state = "building"    # then "complete", or "dropped" (abandoned or failed)
         self.installed = False     # complete and renamed into files/
         self.taken: set[int] = set()   # chunks this file holds in place of unit files
+        # chunks on their way from the cache itself (`UnitCache._feed`, `put`, `copy_unit`)
+        self.queued: set[int] = set(range(len(ids)))
         self._lock = threading.Lock()
         folder = os.path.join(cache._files, key[:2])
         os.makedirs(folder, exist_ok=True)
@@ -715,9 +725,14 @@ class WholeFile:
             self.taken.discard(idx)
         return False
 
+    def unqueue(self, idx: int) -> None:
+        with self._lock:
+            self.queued.discard(idx)
+
     def put(self, idx: int, data: bytes) -> bool:
         """Write chunk `idx`; whether this call wrote it."""
         with self._lock:
+            self.queued.discard(idx)
             if self.state != "building" or idx not in self.missing:
                 return False
             self.writes += 1
@@ -748,6 +763,9 @@ class WholeFile:
         data = on_file(self.cache._file(unit), lambda fd: os.pread(fd, self.chunk_size, 0))
         if data is not None and hashlib.sha256(data).hexdigest() == unit:
             self.put(idx, data)
+        else:
+            self.unqueue(idx)
+            self.settle()
         # else evicted meanwhile (or damaged): the reader's own fetch may still bring it
 
     def _complete(self) -> None:
@@ -765,13 +783,18 @@ class WholeFile:
 
     def release(self) -> None:
         """One reader less. The last one abandons an incomplete build, unless the chunks
-        it lacks are all on their way (fetched, or being written to the cache: a reader
-        is served before the disk write of what it read)."""
+        it lacks are all on their way (fetched, being written to the cache, or queued
+        from it: a reader is served before the disk write of what it read)."""
         with self._lock:
             self.users -= 1
+        self.settle()
+
+    def settle(self) -> None:
+        """Abandon the build if no reader has it and a chunk it lacks is not coming."""
+        with self._lock:
             if self.users or self.state != "building":
                 return
-            missing = [self.ids[i] for i in self.missing]
+            missing = [self.ids[i] for i in self.missing - self.queued]
         if not self.cache._arriving(missing):
             self.abandon()
 

@@ -166,10 +166,13 @@ def test_corrupted_blob_gives_eio_and_is_never_cached(build, mounts, tmp_path):
         return bad_small.pack in text and bad_chunk in text and text
     log = wait_for(log_names_both, READY, "the log to name both bad blobs")
     assert "corrupt" in log
-    units = cached_units()   # asserts every cached unit hashes to its name
+    good = hashlib.sha256(files["small/good.txt"]).hexdigest()
+    def with_good():   # units reach the disk after they are served: wait for this one
+        units = cached_units()   # (and every cached unit hashes to its name)
+        return units if good in units else None
+    units = wait_for(with_good, READY, "the good file's unit on disk")
     assert bad_chunk not in units and bad_small.sha256 not in units
     assert bad_chunk not in index_rows() and bad_small.sha256 not in index_rows()
-    assert hashlib.sha256(files["small/good.txt"]).hexdigest() in units
 
 
 def test_eviction_under_a_small_cache_limit(build, mounts):

@@ -372,3 +372,28 @@ def test_a_whole_copy_is_verified_chunk_by_chunk(repo_url, tmp_path, mounted):
     m2.cache.flush()
     wait_until(lambda: not list(m2.cache.files.rglob(".*")), "no temp file left")
     assert m2.reader.local_file(entry) is None   # never made from bad bytes
+
+
+def test_chunks_cached_as_units_move_into_a_whole_copy(repo_url, tmp_path, mounted):
+    # a cache filled before (or by a reader that did not start at the beginning) turns
+    # into a whole copy on the next full read, from its own units: no storage read
+    data = os.urandom(CHUNK * 6 + 1)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    entry = m.view.lookup("big").entry
+    fh = m.fs.open("big", os.O_RDONLY)
+    assert m.fs.read(fh, 1, len(data)) == data[1:]    # not from offset 0: no whole copy
+    m.fs.release(fh)
+    m.cache.flush()
+    wait_until(lambda: all(m.cache.path_of(c).exists() for c in entry.chunk_ids),
+               "every chunk of big cached as a unit")
+    assert m.reader.local_file(entry) is None
+    m.counting.reset()
+    fh = m.fs.open("big", os.O_RDONLY)
+    assert m.fs.read(fh, 0, len(data)) == data
+    m.fs.release(fh)                   # at once: the copies from the units are queued
+    path = wait_until(lambda: m.reader.local_file(entry), "a whole copy made from units")
+    assert open(path, "rb").read() == data
+    assert m.counting.calls["read"] == 0 and m.counting.calls["read_range"] == 0
+    wait_until(lambda: not any(m.cache.path_of(c).exists() for c in entry.chunk_ids),
+               "the units dropped")
