@@ -693,7 +693,8 @@ class WholeFile:
     when the last one is in, the file is renamed into files/ and indexed. Chunks arrive
     from memory as they are fetched (`put`) or are read back from their unit files
     (`copy_unit`, verified again). A builder whose readers are all gone before it is
-    complete is abandoned and its temp file removed: the chunk units stay as they are."""
+    complete, with chunks still lacking that nothing brings, is abandoned: the chunks
+    only its temp file holds are stored as unit files, and the temp file removed."""
 
     def __init__(self, cache: UnitCache, key: str, size: int, ids: list[str],
                  chunk_size: int):
@@ -763,10 +764,9 @@ class WholeFile:
         data = on_file(self.cache._file(unit), lambda fd: os.pread(fd, self.chunk_size, 0))
         if data is not None and hashlib.sha256(data).hexdigest() == unit:
             self.put(idx, data)
-        else:
+        else:   # evicted meanwhile, or damaged: a reader's own fetch may still bring it
             self.unqueue(idx)
             self.settle()
-        # else evicted meanwhile (or damaged): the reader's own fetch may still bring it
 
     def _complete(self) -> None:
         try:
