@@ -78,7 +78,9 @@ def cache():
 
 def _info(c) -> dict:
     units, used = c.usage()
+    whole, whole_bytes = c.whole_usage()
     return {"dir": str(c.root), "limit": c.limit, "units": units, "bytes": used,
+            "whole_files": whole, "whole_bytes": whole_bytes,
             "mounts": [m.mountpoint for m in mounts.all_mounts()]}
 
 
@@ -95,6 +97,10 @@ def cache_info(state: State, as_json):
     click.echo(f"cache:  {info['dir']}")
     click.echo(f"limit:  {output.format_size(info['limit'])}")
     click.echo(f"used:   {output.format_size(info['bytes'])} in {info['units']} units")
+    if info["whole_files"]:
+        n = info["whole_files"]
+        click.echo(f"whole:  {n} file{'' if n == 1 else 's'} kept whole "
+                   f"({output.format_size(info['whole_bytes'])}), read by the kernel itself")
     for m in info["mounts"]:
         click.echo(f"mount:  {m}")
 

@@ -615,6 +615,13 @@ class UnitCache:
             .fetchone()
         return n, total
 
+    def whole_usage(self) -> tuple[int, int]:
+        """(whole files, bytes) according to the index: the part of `usage` that the
+        kernel can read by itself (docs/semantics.md)."""
+        return self._db().execute(
+            "SELECT count(*), coalesce(sum(size), 0) FROM units WHERE id >= ? AND id < ?",
+            (WHOLE, WHOLE[:-1] + chr(ord(WHOLE[-1]) + 1))).fetchone()
+
     def evict(self, limit: int | None = None) -> int:
         """Remove least recently used units until the cache fits `limit` (default: its
         limit). Units pinned by this process are kept. Returns bytes freed."""

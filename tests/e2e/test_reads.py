@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -226,6 +227,9 @@ def test_a_cached_file_is_handed_to_the_kernel(build, mounts):
     assert (mnt / "big.bin").read_bytes() == big
     key = whole_key(entry(build.repo_url, vid, "big.bin").chunks)
     wait_for(lambda: "file-" + key in cached_units(), READY, "a whole copy of big.bin")
+    info = json.loads(strata("cache", "info", "--json").stdout)
+    assert (info["whole_files"], info["whole_bytes"]) == (1, len(big))
+    assert "1 file kept whole" in strata("cache", "info").stdout
     mounts.unmount(mnt)
     blobs = os.path.join(build.repo_url, "blobs")
     os.rename(blobs, blobs + ".away")   # what follows needs no storage
@@ -243,6 +247,7 @@ def test_a_cached_file_is_handed_to_the_kernel(build, mounts):
             # the cache cleared under an open file: the kernel keeps reading its copy
             assert strata("cache", "clear").returncode == 0
             assert "file-" + key not in cached_units()
+            assert json.loads(strata("cache", "info", "--json").stdout)["whole_files"] == 0
             f.seek(CHUNK * 3 + 1)
             assert f.read(CHUNK) == big[CHUNK * 3 + 1:CHUNK * 4 + 1]
             with mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
