@@ -511,10 +511,10 @@ class UnitCache:
     def assemble(self, key: str, size: int, chunk_ids: list[str],
                  chunk_size: int) -> WholeFile | None:
         """Start (or join) building the whole file `key` from its chunks while a reader
-        goes through it; the caller calls `release()` on the result when it is done with
-        the file. None when there is nothing to do: the file is whole already, or larger
+        goes through it, once it found no whole copy (`local_file`); the caller calls
+        `release()` on the result when it is done with the file. None for a file larger
         than a quarter of the cache (it would push everything else out)."""
-        if size > self.limit // 4 or os.path.exists(self._file(WHOLE + key)):
+        if size > self.limit // 4:
             return None
         with self._lock:
             builder = self._builders.get(key)
@@ -547,8 +547,8 @@ class UnitCache:
         dropped with the rest."""
         for idx, unit in enumerate(builder.ids):   # all queued until here (`WholeFile`)
             with self._lock:
-                data = None if unit in self._writing else self._hot.get(unit)
                 skip = unit in self._writing or unit in self._inflight
+                data = None if skip else self._hot.get(unit)
             if skip:
                 builder.unqueue(idx)
             elif data is not None:
@@ -602,11 +602,16 @@ class UnitCache:
                     continue
             # its bytes may stay in memory (`_hot`): a reader between the two copies
             # finds them there instead of fetching them again
-            db.execute("DELETE FROM units WHERE id=?", (unit,))
-            try:
-                os.unlink(self._file(unit))
-            except FileNotFoundError:
-                pass
+            self._unlink(db, unit)
+
+    def _unlink(self, db: sqlite3.Connection, unit: str) -> None:
+        """Remove a unit's index row and its file (the row first: a crash leaves a file
+        without a row, which `reconcile` indexes again)."""
+        db.execute("DELETE FROM units WHERE id=?", (unit,))
+        try:
+            os.unlink(self._file(unit))
+        except FileNotFoundError:
+            pass
 
     # ---- size limit -------------------------------------------------------------------
     def usage(self) -> tuple[int, int]:
@@ -643,15 +648,11 @@ class UnitCache:
                     if unit in self._pins or unit in self._inflight or unit in self._writing:
                         skip.add(unit)
                         continue
-                db.execute("DELETE FROM units WHERE id=?", (unit,))
                 with self._lock:
                     data = self._hot.pop(unit, None)
                     if data is not None:
                         self._hot_bytes -= len(data)
-                try:
-                    os.unlink(self._file(unit))
-                except FileNotFoundError:
-                    pass
+                self._unlink(db, unit)
                 freed += size
                 with self._lock:
                     self.stats.evicted += 1
