@@ -28,6 +28,25 @@ def make(repo_url, tmp_path, files, parents=()):
     return ds
 
 
+def wait_until(predicate, what: str, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (got := predicate()) and time.monotonic() < deadline:
+        time.sleep(0.01)   # waiting on an observable condition, bounded
+    assert got, what
+    return got
+
+
+def open_big(repo_url, tmp_path, mounted):
+    """An 8-chunk file "big" opened through a fresh mount, storage counters at zero:
+    (its bytes, the mount, the handle)."""
+    data = os.urandom(CHUNK * 8)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    fh = m.fs.open("big", os.O_RDONLY)
+    m.counting.reset()
+    return data, m, fh
+
+
 def test_getattr_and_readdir_fetch_no_data(repo_url, tmp_path, mounted):
     ds = make(repo_url, tmp_path, {"d/x": os.urandom(1000), "big": os.urandom(CHUNK * 3)})
     m = mounted(repo_url, ds.id)
@@ -95,31 +114,20 @@ def test_small_file_read_is_one_exact_range(repo_url, tmp_path, mounted):
 
 
 def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
-    data = os.urandom(CHUNK * 8)
-    ds = make(repo_url, tmp_path, {"big": data})
-    m = mounted(repo_url, ds.id)
-    fh = m.fs.open("big", os.O_RDONLY)
+    data, m, fh = open_big(repo_url, tmp_path, mounted)
     step = 16 * 1024
     for off in range(0, CHUNK * 2, step):
         assert m.fs.read(fh, off, step) == data[off:off + step]
     ids = m.view.lookup("big").entry.chunk_ids
-
-    def fetched_ahead():   # fetched from storage (kept as units, or in a whole copy)
-        return all(layout.blob_key(c) in m.counting.keys_read for c in ids[2:5])
-    deadline = time.monotonic() + 10
-    while not fetched_ahead() and time.monotonic() < deadline:
-        time.sleep(0.01)   # waiting on an observable condition, bounded
-    assert fetched_ahead(), "chunks ahead were prefetched"
+    # fetched from storage (kept as units, or in a whole copy)
+    wait_until(lambda: all(layout.blob_key(c) in m.counting.keys_read for c in ids[2:5]),
+               "chunks ahead were prefetched")
     m.fs.release(fh)
 
 
 def test_a_first_read_fetches_only_its_own_chunk(repo_url, tmp_path, mounted):
     # time to first byte: no prefetch shares the disk with the chunk being waited for
-    data = os.urandom(CHUNK * 8)
-    ds = make(repo_url, tmp_path, {"big": data})
-    m = mounted(repo_url, ds.id)
-    fh = m.fs.open("big", os.O_RDONLY)
-    m.counting.reset()
+    data, m, fh = open_big(repo_url, tmp_path, mounted)
     assert m.fs.read(fh, 0, 4096) == data[:4096]
     m.reader._pool.shutdown(wait=True)
     assert m.counting.calls["read"] == 1
@@ -127,11 +135,7 @@ def test_a_first_read_fetches_only_its_own_chunk(repo_url, tmp_path, mounted):
 
 
 def test_random_reader_fetches_only_what_it_touches(repo_url, tmp_path, mounted):
-    data = os.urandom(CHUNK * 8)
-    ds = make(repo_url, tmp_path, {"big": data})
-    m = mounted(repo_url, ds.id)
-    fh = m.fs.open("big", os.O_RDONLY)
-    m.counting.reset()
+    data, m, fh = open_big(repo_url, tmp_path, mounted)
     for off in (CHUNK * 6 + 5, CHUNK * 1 + 7, CHUNK * 4):
         assert m.fs.read(fh, off, 100) == data[off:off + 100]
     m.reader._pool.shutdown(wait=True)
@@ -295,14 +299,6 @@ def test_read_into_a_buffer_gives_the_same_bytes_as_read(repo_url, tmp_path, mou
     rw.write(fh, 5, b"XYZ")
     assert bytes(buf[:rw.read_into(fh, 0, buf)]) == data[:5] + b"XYZ" + data[8:100]
     rw.release(fh)
-
-
-def wait_until(predicate, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not (got := predicate()) and time.monotonic() < deadline:
-        time.sleep(0.01)   # waiting on an observable condition, bounded
-    assert got, what
-    return got
 
 
 def test_a_file_read_to_its_end_is_kept_whole_and_read_from_there(repo_url, tmp_path,
