@@ -273,17 +273,16 @@ class UnitCache:
                                  fetch, what)
         return got if data is None else data[offset:offset + size]
 
-    def read_into(self, unit: str, offset: int, buf: memoryview, fetch: Callable[[], bytes],
-                  what: str = "", files: UnitFiles | None = None) -> int:
-        """`read` into the caller's buffer (the FUSE reply's own memory: one copy less);
-        returns the bytes read, len(buf) unless the unit is shorter."""
+    def read_view(self, unit: str, offset: int, buf: memoryview, fetch: Callable[[], bytes],
+                  what: str = "", files: UnitFiles | None = None) -> memoryview:
+        """Up to len(buf) bytes at `offset` of the unit (fewer only where it ends): read
+        from its file into `buf`, or, when the unit is in memory, a view of that memory
+        itself (no copy: the FUSE reply is written from it)."""
         data, n = self._lookup(unit, files, lambda fd: os.preadv(fd, [buf], offset),
                                fetch, what)
         if data is None:
-            return n
-        part = memoryview(data)[offset:offset + len(buf)]
-        buf[:len(part)] = part
-        return len(part)
+            return buf[:n]
+        return memoryview(data)[offset:offset + len(buf)]
 
     def _lookup(self, unit: str, files: UnitFiles | None, op: Callable[[int], T],
                 fetch: Callable[[], bytes], what: str) -> tuple[bytes | None, T | None]:

@@ -265,15 +265,16 @@ class Filesystem:
                     return os.pread(h.fd, size, offset)
         return self.view.read(h.node, offset, size, h.stream)
 
-    def read_into(self, fh: int, offset: int, buf: memoryview) -> int:
-        """`read` into the caller's buffer (the FUSE reply's memory); returns the bytes
-        read."""
+    def read_view(self, fh: int, offset: int, buf: memoryview) -> memoryview:
+        """`read` of up to len(buf) bytes for a FUSE reply: a view of `buf` filled, or of
+        memory that already holds the bytes (a chunk just fetched), written out from there
+        without a copy."""
         h = self._handle(fh)
         if self.writable:
             with self._gate.operation():
                 if h.fd is not None:
-                    return os.preadv(h.fd, [buf], offset)
-        return self.view.read_into(h.node, offset, buf, h.stream)
+                    return buf[:os.preadv(h.fd, [buf], offset)]
+        return self.view.read_view(h.node, offset, buf, h.stream)
 
     def upper_of(self, fh: int) -> str | None:
         """The upper file a handle reads and writes (writable mounts), or None."""
@@ -285,7 +286,7 @@ class Filesystem:
         """The descriptor of the local file holding all the bytes of a read-only handle
         (an upper file of a writable mount; in a read-only mount, the file's copy in the
         cache when it has a whole one), which the kernel may read directly; None when
-        reads must come through `read_into`."""
+        reads must come through `read_view`."""
         h = self._handle(fh)
         if self.writable:
             return h.fd if h.fd is not None and not h.writable else None

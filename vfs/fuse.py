@@ -569,9 +569,7 @@ class FuseOperations:
 
     def read(self, req, scratch):
         fh, offset, size, *_ = IO_IN.unpack_from(req.body)
-        view = memoryview(scratch)[:size]
-        n = self.fs.read_into(fh, offset, view)
-        return (view[:n],)
+        return (self.fs.read_view(fh, offset, memoryview(scratch)[:size]),)
 
     def write(self, req, scratch):
         fh, offset, size, *_ = IO_IN.unpack_from(req.body)

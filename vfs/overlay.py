@@ -426,11 +426,11 @@ class OverlayView:
                 return os.pread(f.fileno(), size, offset)
         return self.lower.read(node, offset, size, hint)
 
-    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
+    def read_view(self, node: Node, offset: int, buf: memoryview, hint=None) -> memoryview:
         if node.upper:
             with open(node.upper, "rb") as f:
-                return os.preadv(f.fileno(), [buf], offset)
-        return self.lower.read_into(node, offset, buf, hint)
+                return buf[:os.preadv(f.fileno(), [buf], offset)]
+        return self.lower.read_view(node, offset, buf, hint)
 
     def copy_to(self, node: Node, fd: int) -> None:
         if not node.upper:

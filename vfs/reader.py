@@ -93,8 +93,7 @@ class Reader:
                 lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
                 f"{entry.path} (pack {entry.pack})")
         if stream is not None and len(entry.chunks) > 32:
-            buf = bytearray(size)
-            return bytes(buf[:self.read_into(entry, offset, memoryview(buf), stream)])
+            return bytes(self.read_view(entry, offset, memoryview(bytearray(size)), stream))
         if stream is not None:
             self._readahead(entry, offset, size, stream)
         parts = []
@@ -110,21 +109,25 @@ class Reader:
             offset += n
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    def read_into(self, entry: Entry, offset: int, buf: memoryview,
-                  stream: Stream | None = None) -> int:
-        """`read` into the caller's buffer; returns the bytes read."""
+    def read_view(self, entry: Entry, offset: int, buf: memoryview,
+                  stream: Stream | None = None) -> memoryview:
+        """`read` of up to len(buf) bytes, for a reply: a view of `buf` filled, or of the
+        memory that already holds the bytes (a chunk just fetched: no copy)."""
         size = min(len(buf), entry.size - offset)
         if size <= 0:
-            return 0
-        if entry.kind == "x" or entry.pack:
-            data = self.read(entry, offset, size, stream)
-            buf[:len(data)] = data
-            return len(data)
+            return buf[:0]
+        if entry.kind == "x":
+            return memoryview(self.read(entry, offset, size, stream))
+        if entry.pack:
+            return self.cache.read_view(
+                entry.sha256, offset, buf[:size],
+                lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
+                f"{entry.path} (pack {entry.pack})")
         if stream is not None:
             if len(entry.chunks) > 32:
                 n = self._read_whole(entry, offset, buf[:size], stream)
                 if n is not None:
-                    return n
+                    return buf[:n]
             self._readahead(entry, offset, size, stream)
         files = None if stream is None else stream.files
         done = 0
@@ -133,12 +136,16 @@ class Reader:
             idx, within = divmod(offset + done, self.chunk_size)
             n = min(size - done, self.chunk_size - within)
             cid = chunks[idx * 32:idx * 32 + 32].hex()
-            got = self.cache.read_into(cid, within, buf[done:done + n], self._fetcher(cid),
+            got = self.cache.read_view(cid, within, buf[done:done + n], self._fetcher(cid),
                                        f"chunk {cid} of {entry.path}", files)
-            done += got
-            if got < n:
+            if not done and (len(got) < n or n == size):
+                return got   # all of the reply is in this one chunk (or it ends there)
+            if got.obj is not buf.obj:
+                buf[done:done + len(got)] = got   # a reply across chunks: put together
+            done += len(got)
+            if len(got) < n:
                 break   # a short unit: as `read`, the reply ends there
-        return done
+        return buf[:done]
 
     def _read_whole(self, entry: Entry, offset: int, buf: memoryview,
                     s: Stream) -> int | None:

@@ -78,8 +78,9 @@ class View(Protocol):
         """Write the file's whole bytes into descriptor `fd` (an overlay's copy-up)."""
         ...
 
-    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
-        """`read` into the caller's buffer; returns the bytes read."""
+    def read_view(self, node: Node, offset: int, buf: memoryview, hint=None) -> memoryview:
+        """`read` of up to len(buf) bytes: a view of `buf` filled, or of memory that
+        already holds them."""
         ...
 
 
@@ -105,8 +106,8 @@ class EntryReads:
     def read(self, node: Node, offset: int, size: int, hint=None) -> bytes:
         return self.reader.read(node.entry, offset, size, hint)
 
-    def read_into(self, node: Node, offset: int, buf: memoryview, hint=None) -> int:
-        return self.reader.read_into(node.entry, offset, buf, hint)
+    def read_view(self, node: Node, offset: int, buf: memoryview, hint=None) -> memoryview:
+        return self.reader.read_view(node.entry, offset, buf, hint)
 
     def copy_to(self, node: Node, fd: int) -> None:
         self.reader.copy_to(node.entry, fd)

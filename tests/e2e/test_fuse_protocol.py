@@ -97,7 +97,7 @@ def test_upper_files_are_read_by_the_kernel_and_a_writer_gets_a_node_of_its_own(
     session = Session(fs0.view.repo, default_overlay_name(str(mp)), vid, reader)
     fs = session.fs = Filesystem(session.build_view(), writable=True)
     reads: list = []
-    counted(fs, "read_into", reads)
+    counted(fs, "read_view", reads)
     data = os.urandom(3 << 20)
     try:
         with served(fs, mp) as ops:
