@@ -88,10 +88,7 @@ class Reader:
         if entry.kind == "x":
             return read_external_range(entry, offset, size)
         if entry.pack:
-            return self.cache.read(
-                entry.sha256, offset, size,
-                lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
-                f"{entry.path} (pack {entry.pack})")
+            return self.cache.read(entry.sha256, offset, size, *self._small_file(entry))
         if stream is not None and len(entry.chunks) > 32:
             return bytes(self.read_view(entry, offset, memoryview(bytearray(size)), stream))
         if stream is not None:
@@ -119,10 +116,8 @@ class Reader:
         if entry.kind == "x":
             return memoryview(self.read(entry, offset, size, stream))
         if entry.pack:
-            return self.cache.read_view(
-                entry.sha256, offset, buf[:size],
-                lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
-                f"{entry.path} (pack {entry.pack})")
+            return self.cache.read_view(entry.sha256, offset, buf[:size],
+                                        *self._small_file(entry))
         if stream is not None:
             if len(entry.chunks) > 32:
                 n = self._read_whole(entry, offset, buf[:size], stream)
@@ -213,6 +208,11 @@ class Reader:
 
     def _fetcher(self, cid: str):
         return lambda: self.repo.read_blob(cid)
+
+    def _small_file(self, entry: Entry):
+        """(fetch, what) of a small file's unit: its exact range of its pack."""
+        return (lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
+                f"{entry.path} (pack {entry.pack})")
 
     def _readahead(self, entry: Entry, offset: int, size: int, s: Stream) -> None:
         with s.lock:
