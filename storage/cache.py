@@ -66,6 +66,13 @@ def on_file(path: str, op: Callable[[int], T]) -> T | None:
         os.close(fd)
 
 
+def read_verified(path: str, unit: str, size: int, offset: int = 0) -> bytes | None:
+    """The `size` bytes at `offset` of the file at `path` if their sha256 is `unit`; None
+    if the file is missing or they are not the unit's bytes."""
+    data = on_file(path, lambda fd: os.pread(fd, size, offset))
+    return data if data is not None and hashlib.sha256(data).hexdigest() == unit else None
+
+
 def whole_key(chunks: bytes) -> str:
     """The name of a multi-chunk file's whole copy: the sha256 of its chunk list (the
     chunk ids' 32-byte digests one after the other), so equal files share one copy."""
@@ -768,8 +775,8 @@ class WholeFile:
         return ok
 
     def copy_unit(self, idx: int, unit: str) -> None:
-        data = on_file(self.cache._file(unit), lambda fd: os.pread(fd, self.chunk_size, 0))
-        if data is not None and hashlib.sha256(data).hexdigest() == unit:
+        data = read_verified(self.cache._file(unit), unit, self.chunk_size)
+        if data is not None:
             self.put(idx, data)
         else:   # evicted meanwhile, or damaged: a reader's own fetch may still bring it
             self.unqueue(idx)
@@ -828,8 +835,8 @@ class WholeFile:
             unit, offset = self.ids[idx], idx * self.chunk_size
             size = min(self.chunk_size, self.size - offset)
             try:
-                data = on_file(self.tmp, lambda fd: os.pread(fd, size, offset))
-                if data is not None and hashlib.sha256(data).hexdigest() == unit:
+                data = read_verified(self.tmp, unit, size, offset)
+                if data is not None:
                     self.cache.store(unit, data)
             except OSError as e:
                 log.warning("could not keep chunk %s in the cache: %s", unit, e)
