@@ -480,8 +480,11 @@ class Bench:
         # strata: fresh mount, empty strata cache (a new cache folder for every rep)
         mp = self.work / "mnt2"
 
+        def cache_of(rep: int) -> Path:
+            return self.work / f"cache-s3-{rep}"
+
         def strata_read(rep: int) -> float:
-            self.strata.mount(repo, vid, mp, cache_dir=self.work / f"cache-s3-{rep}")
+            self.strata.mount(repo, vid, mp, cache_dir=cache_of(rep))
             with self.strata.profiled(mp, f"fig2-cold-s3-read-{rep}"):
                 got, t = read_all(str(mp / "big.bin"))
             assert got == n
@@ -494,7 +497,7 @@ class Bench:
                                (t_null, boto3_null), (t_chunks, chunk_gets)):
                 warm()
                 times.append(run())
-        cache = self.work / f"cache-s3-{reps - 1}"   # figure 3 re-reads the last one
+        cache = cache_of(reps - 1)   # figure 3 re-reads the last one
         ts, tb = min(t_strata), min(t_boto)
         ratio_row(self.res, f"2. cold sequential read, {n / GiB:.2f} GiB file from S3 "
                   "(fresh mount, empty strata cache)", n / ts, n / tb,
