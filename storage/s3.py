@@ -17,17 +17,31 @@ loses is aborted, so no parts are left to be billed. Compare-and-swap writes alw
 one PutObject: they are small catalog records, and `If-Match` on PutObject is the form that
 S3-compatible stores (and moto) honour, while `If-Match` on CompleteMultipartUpload is not.
 
+Reads (GetObject, whole or ranged) skip botocore's request machinery (`DirectGets`): the
+object's URL is the client's (`generate_presigned_url`, so endpoint, addressing style and
+key quoting stay botocore's), the request is signed by botocore's SigV4 signer with the
+session's credentials, as botocore signs its own, and urllib3, which botocore itself
+sends with, fetches it. A ranged GET of 64 KiB from a local S3 server takes 1.2-1.3 ms of
+CPU through botocore and 0.46 ms this way (2.0-2.2 ms and 1.2-1.3 ms from request to
+bytes); a reader of small files makes one per file, a mount reading 1 GiB 128 (8 MiB each:
+0.5 against 0.65 CPU-s per GiB). Where the environment sets a proxy, every call goes
+through botocore. A redirect (a bucket in another region) is left to botocore,
+which follows it.
+
 One client per AWS environment, shared by all backends and threads (boto3 clients are
 thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns
 retrying, so the bound on attempts and time is ours. `_translate` is the one table from
-botocore errors to strata's.
+botocore errors to strata's; failed direct GETs go through it too.
 """
 
 from __future__ import annotations
 
+import re
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Iterator
+from urllib.parse import quote
 
 from strata.storage.base import ObjectInfo, check_write_args
 from strata.storage.errors import (
@@ -52,7 +66,9 @@ MULTIPART_THRESHOLD = 8 << 20  # larger writes go as multipart uploads (a chunk 
 PART_SIZE = 8 << 20  # bytes per part; S3 needs at least 5 MiB for every part but the last
 UPLOAD_CONCURRENCY = 4  # parts in flight per write; the catalog runs several writes at once
 
-_clients = ClientCache()   # one client per distinct AWS environment
+PRESIGN_SECONDS = 900  # of a presigned URL only the URL is used, not its signature
+
+_clients = ClientCache()   # (client, DirectGets or None) per distinct AWS environment
 
 _CREDENTIALS_HINT = (
     "no usable AWS credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
@@ -113,12 +129,22 @@ def make_client() -> Any:
     the socket timeouts: a changed environment (profile, endpoint, keys, retry budget) gets
     a client of its own.
     """
+    return _environment()[0]
+
+
+def _environment() -> tuple[Any, DirectGets | None]:
+    """The client for the current AWS environment and its `DirectGets` (None where a
+    proxy is configured: botocore's own transport knows how to use it)."""
     boto3, Config = _import_boto3()
     timeouts = (attempt_timeout(CONNECT_TIMEOUT), attempt_timeout(READ_TIMEOUT))
-    key = environment_key("AWS_") + (("timeouts", repr(timeouts)),)
+    proxies = tuple(sorted(urllib.request.getproxies().items()))
+    key = environment_key("AWS_") + (("timeouts", repr(timeouts)), ("proxies", proxies))
 
-    def make() -> Any:   # under the cache's lock: boto3 sessions are not thread-safe
-        session = boto3.session.Session()
+    def make() -> tuple[Any, DirectGets | None]:   # under the cache's lock: boto3 sessions
+        import botocore.session                   # are not thread-safe
+
+        core = botocore.session.Session()
+        session = boto3.session.Session(botocore_session=core)
         config = Config(
             max_pool_connections=POOL_SIZE,
             connect_timeout=timeouts[0],
@@ -130,9 +156,122 @@ def make_client() -> Any:
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        return session.client("s3", region_name=session.region_name or DEFAULT_REGION,
-                              config=config)
+        client = session.client("s3", region_name=session.region_name or DEFAULT_REGION,
+                                config=config)
+        direct = None
+        if not proxies:
+            direct = DirectGets(client, core, timeouts)
+        return client, direct
     return _clients.get(key, make)
+
+
+class DirectGets:
+    """GetObject, signed by botocore and sent with urllib3 (see the module's docstring).
+    `get` returns the body and whether the store honoured the Range, or None where
+    botocore should make the call instead (a redirect); a failure is raised as the
+    exception botocore would have raised for it (a ClientError, a connection error)."""
+
+    def __init__(self, client: Any, session: Any, timeouts: tuple[float, float]):
+        import urllib3
+        from botocore.auth import S3SigV4Auth
+        from botocore.awsrequest import AWSRequest
+        from botocore.httpsession import get_cert_path
+
+        self._client, self._session = client, session
+        self._auth, self._request = S3SigV4Auth, AWSRequest
+        self._bases: dict[str, str | None] = {}   # bucket -> URL of its keys, before the key
+        self._elsewhere: set[str] = set()   # buckets that redirected: botocore reads them
+        self._transport_errors = urllib3.exceptions.HTTPError
+        self._pool = urllib3.PoolManager(
+            maxsize=POOL_SIZE, cert_reqs="CERT_REQUIRED",
+            ca_certs=session.get_config_variable("ca_bundle") or get_cert_path(True),
+            timeout=urllib3.Timeout(connect=timeouts[0], read=timeouts[1]))
+
+    def url(self, bucket: str, key: str) -> str:
+        """The object's URL as botocore makes it. Presigning costs 0.3 ms of CPU here, so
+        it is done once per bucket, for a probe key: every key's URL is the probe's with
+        the key quoted in its place, as botocore quotes it (`percent_encode`, '/' and
+        '~' kept)."""
+        base = self._bases.get(bucket, "")
+        if base == "":
+            probe = self._presigned(bucket, _PROBE)
+            base = self._bases[bucket] = probe[:-len(_PROBE)] if probe.endswith(
+                "/" + _PROBE) else None   # an unforeseen form: presign every key
+        if base is None:
+            return self._presigned(bucket, key)
+        return base + quote(key, safe="/~")
+
+    def get(self, bucket: str, key: str, byte_range: str | None) -> tuple[bytes, bool] | None:
+        if bucket in self._elsewhere:
+            return None
+        request = self._request("GET", self.url(bucket, key),
+                                headers={"Range": byte_range} if byte_range else {})
+        credentials = self._session.get_credentials()
+        if credentials is None:
+            from botocore.exceptions import NoCredentialsError
+            raise NoCredentialsError()
+        self._auth(credentials.get_frozen_credentials(), "s3",
+                   self._client.meta.region_name).add_auth(request)
+        try:
+            response = self._pool.request(
+                "GET", request.url, headers=dict(request.headers.items()),
+                retries=False, redirect=False, decode_content=False)  # the bytes, as stored
+            status, data = response.status, response.data
+        except self._transport_errors as exc:
+            raise _as_botocore(exc, request.url) from exc
+        if status in (200, 206):
+            expected = response.headers.get("Content-Length")
+            if expected is not None and int(expected) != len(data):
+                from botocore.exceptions import IncompleteReadError
+                raise IncompleteReadError(actual_bytes=len(data),
+                                          expected_bytes=int(expected))
+            return data, "Content-Range" in response.headers
+        code = _xml_field(data, b"Code") or str(status)
+        if 300 <= status < 400 or code in _BOTOCORE_FOLLOWS:
+            self._elsewhere.add(bucket)   # botocore finds the bucket's region, and keeps it
+            return None
+        from botocore.exceptions import ClientError
+        raise ClientError({"Error": {"Code": code, "Message": _xml_field(data, b"Message")},
+                           "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    def _presigned(self, bucket: str, key: str) -> str:
+        """The object's URL from botocore (raises NoCredentialsError if there are none)."""
+        return self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key},
+            ExpiresIn=PRESIGN_SECONDS).partition("?")[0]
+
+
+_PROBE = "strata-url-probe"   # a key botocore leaves as it is in a URL
+
+
+def _as_botocore(exc: Exception, url: str) -> Exception:
+    """urllib3's failure as the error botocore raises for it (botocore.httpsession), so
+    one table (`_translate`) and one wording serve both paths."""
+    from botocore import exceptions as bx
+    from urllib3 import exceptions as ux
+
+    if isinstance(exc, ux.NewConnectionError):   # before ConnectTimeoutError, its base
+        return bx.EndpointConnectionError(endpoint_url=url, error=exc)
+    if isinstance(exc, ux.ConnectTimeoutError):
+        return bx.ConnectTimeoutError(endpoint_url=url, error=exc)
+    if isinstance(exc, ux.ReadTimeoutError):
+        return bx.ReadTimeoutError(endpoint_url=url, error=exc)
+    if isinstance(exc, ux.SSLError):
+        return bx.SSLError(endpoint_url=url, error=exc)
+    if isinstance(exc, ux.ProtocolError):   # reset, or closed before the whole body
+        return bx.ConnectionClosedError(endpoint_url=url, error=exc)
+    return bx.HTTPClientError(error=exc)
+
+
+# errors that botocore's S3 client answers with another request (the bucket's region)
+_BOTOCORE_FOLLOWS = frozenset({"PermanentRedirect", "AuthorizationHeaderMalformed",
+                               "AuthorizationQueryParametersError"})
+
+
+def _xml_field(body: bytes, name: bytes) -> str:
+    """A top-level field of an S3 error body (<Error><Code>...</Code>...), or ''."""
+    found = re.search(b"<" + name + b">([^<]{0,1024})</" + name + b">", body[:8192])
+    return found.group(1).decode("utf-8", "replace") if found else ""
 
 
 class S3Storage:
@@ -143,7 +282,11 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
         self._key_prefix = self.prefix + "/" if self.prefix else ""
-        self._client = client if client is not None else make_client()
+        if client is None:
+            client, self._direct = _environment()
+        else:
+            self._direct = None
+        self._client = client
 
     def __repr__(self) -> str:
         return f"S3Storage({self.url!r})"
@@ -152,22 +295,27 @@ class S3Storage:
         return f"{self.url}/{key}"
 
     def read(self, key: str) -> bytes:
-        with self._translated(self.url_for(key)):
-            response = self._client.get_object(Bucket=self.bucket, Key=self._full(key))
-            return response["Body"].read()  # inside: a dropped body is translated too
+        return self._get(key, None)[0]
 
     def read_range(self, key: str, offset: int, length: int) -> bytes:
         def fetch() -> bytes:
-            with self._translated(self.url_for(key)):
-                response = self._client.get_object(
-                    Bucket=self.bucket, Key=self._full(key),
-                    Range=f"bytes={offset}-{offset + length - 1}",
-                )
-                data = response["Body"].read()
-            if not response.get("ContentRange"):  # a store that ignored Range sent it all
+            data, ranged = self._get(key, f"bytes={offset}-{offset + length - 1}")
+            if not ranged:  # a store that ignored Range sent it all
                 data = data[offset:offset + length]
             return data
         return ranged_read(self, key, offset, length, fetch)
+
+    def _get(self, key: str, byte_range: str | None) -> tuple[bytes, bool]:
+        """GetObject: the body, and whether the store honoured `byte_range`."""
+        full = self._full(key)
+        with self._translated(self.url_for(key)):  # a dropped body is translated too
+            if self._direct is not None:
+                got = self._direct.get(self.bucket, full, byte_range)
+                if got is not None:
+                    return got
+            extra = {"Range": byte_range} if byte_range else {}
+            response = self._client.get_object(Bucket=self.bucket, Key=full, **extra)
+            return response["Body"].read(), bool(response.get("ContentRange"))
 
     def write(self, key: str, data: bytes, *, if_absent: bool = False,
               if_match: str | None = None) -> str:

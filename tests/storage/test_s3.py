@@ -35,7 +35,7 @@ from strata.storage import (  # noqa: E402
 from strata.storage import s3  # noqa: E402
 from strata.storage.errors import MissingBucket  # noqa: E402
 from strata.storage.s3 import S3Storage, _translate, make_client  # noqa: E402
-from tests.conftest import MotoServer, apply_s3_env, free_port  # noqa: E402
+from tests.conftest import CREDENTIALS, MotoServer, apply_s3_env, free_port  # noqa: E402
 from tests.storage.contract import StorageContract  # noqa: E402
 from tests.storage.emulators import FlakyProxy  # noqa: E402
 
@@ -291,3 +291,130 @@ def test_translation_table(exc: Exception, kind: type) -> None:
 
 def test_non_sdk_errors_are_not_translated() -> None:
     assert _translate(KeyError("bug"), "s3://b/k", "b") is None
+
+
+# ---- reads past botocore's request machinery (DirectGets) --------------------------------
+TRICKY_KEYS = ["blobs/ab/0123", "a b/c+d=e", "caf\u00e9/\u6570\u636e", "x%20y/~tilde!*'()",
+               "semi;colon,comma&amp?q#frag", "deep/" * 20 + "end"]
+
+
+def _forbid_get_object(storage: S3Storage, monkeypatch) -> None:
+    def get_object(**kwargs):
+        raise AssertionError(f"a read went through botocore: {kwargs}")
+    monkeypatch.setattr(storage._client, "get_object", get_object, raising=False)
+
+
+def test_reads_skip_botocore_and_get_the_stored_bytes(s3_url, monkeypatch) -> None:
+    storage = open_storage(s3_url, retry=False)
+    raw = storage.inner if hasattr(storage, "inner") else storage
+    data = {key: os.urandom(1000 + i) for i, key in enumerate(TRICKY_KEYS)}
+    for key, value in data.items():
+        storage.write(key, value)
+    _forbid_get_object(raw, monkeypatch)
+    for key, value in data.items():
+        assert storage.read(key) == value
+        assert storage.read_range(key, 7, 100) == value[7:107]
+        assert storage.read_range(key, len(value) - 3, 100) == value[-3:]
+        assert storage.read_range(key, len(value) + 5, 10) == b""   # past the end: 416
+    with pytest.raises(NotFound):
+        storage.read("no/such key")
+
+
+def test_a_direct_url_is_the_one_botocore_presigns(s3_url) -> None:
+    storage = open_storage(s3_url, retry=False)
+    bucket = s3_url.split("/")[2]
+    for key in TRICKY_KEYS:
+        presigned = storage._client.generate_presigned_url(
+            "get_object", Params={"Bucket": bucket, "Key": key})
+        assert storage._direct.url(bucket, key) == presigned.partition("?")[0]
+
+
+def test_a_proxy_in_the_environment_leaves_reads_to_botocore(s3_url, monkeypatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")   # moto itself is not reached through it
+    storage = open_storage(s3_url, retry=False)
+    assert storage._direct is None
+    storage.write("k", b"proxied")
+    assert storage.read("k") == b"proxied"
+
+
+class _OddServer:
+    """Answers every GET as `answer(handler)` says: redirects, broken bodies, HTML."""
+
+    def __init__(self, answer):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                answer(self)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _send(handler, status: int, body: bytes, length: int | None = None) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Length", str(len(body) if length is None else length))
+    handler.end_headers()
+    handler.wfile.write(body)
+    handler.wfile.flush()
+    handler.close_connection = length is not None   # a short body ends with the connection
+
+
+def test_a_redirect_is_left_to_botocore(monkeypatch) -> None:
+    redirect = b"<Error><Code>PermanentRedirect</Code><Message>elsewhere</Message></Error>"
+    direct = []
+    server = _OddServer(lambda h: direct.append(h.path) or _send(h, 301, redirect))
+    try:
+        apply_s3_env(monkeypatch, {"AWS_ENDPOINT_URL": server.endpoint, **CREDENTIALS})
+        storage = open_storage("s3://bucket/repo", retry=False)
+        calls = []
+        monkeypatch.setattr(storage._client, "get_object",
+                            lambda **kw: calls.append(kw) or _FakeBody(b"from botocore"),
+                            raising=False)
+        assert storage.read("k") == b"from botocore"
+        assert storage.read_range("k", 2, 3) == b"om "   # its Range was honoured
+        assert [c["Key"] for c in calls] == ["repo/k", "repo/k"]
+        assert calls[1]["Range"] == "bytes=2-4"
+        assert direct == ["/bucket/repo/k"]   # once: then the bucket is botocore's
+    finally:
+        server.close()
+
+
+class _FakeBody(dict):
+    def __init__(self, data: bytes):
+        import io
+        super().__init__(Body=io.BytesIO(data), ContentRange="")
+
+
+@pytest.mark.parametrize("answer, kind, words", [
+    (lambda h: _send(h, 200, b"short", length=50), Transient, "connection failed"),
+    (lambda h: _send(h, 500, b"<html>crashed</html>"), Transient, "server error 500"),
+    (lambda h: _send(h, 503, b"<Error><Code>SlowDown</Code></Error>"), Transient, "SlowDown"),
+    (lambda h: _send(h, 403, b"<Error><Code>AccessDenied</Code></Error>"), PermissionDenied,
+     "access denied"),
+    (lambda h: _send(h, 404, b"<Error><Code>NoSuchBucket</Code></Error>"), MissingBucket,
+     "does not exist"),
+], ids=["truncated", "html-500", "slowdown", "denied", "no-bucket"])
+def test_a_failed_direct_get_is_translated(monkeypatch, answer, kind, words) -> None:
+    server = _OddServer(answer)
+    try:
+        apply_s3_env(monkeypatch, {"AWS_ENDPOINT_URL": server.endpoint, **CREDENTIALS})
+        storage = open_storage("s3://bucket/repo", retry=False)
+        _forbid_get_object(storage, monkeypatch)
+        with pytest.raises(kind) as info:
+            storage.read_range("k", 0, 10)
+        assert type(info.value) is kind
+        assert words in str(info.value) and "s3://bucket/repo/k" in str(info.value)
+    finally:
+        server.close()
