@@ -38,6 +38,12 @@ Figures (docs/performance.md, "Mount reads (issue 3)"):
      cache (target <= 2 s), and the mount process's VmRSS after `ls` of the root,
      `ls train` and stat/read of a few files (target <= 300 MB).
 
+  S. small files from S3: a cold read of 2000 files of 64 KiB (a version in s3rver, the
+     files in packs) through a fresh mount with an empty strata cache, one reader going
+     through them in path order as `cp -r` or `tar` would, vs boto3 `get_object` of the
+     same (pack, offset, size) ranges one after the other; no target (where the time and
+     CPU of one small file go: a GET, its verification, the cache, FUSE).
+
   B. FUSE bindings: minimal read-only passthrough file systems (this script's
      --passthrough mode) on mfusepy with libfuse3 (strata's binding until strata spoke
      the kernel protocol itself) and with libfuse2, same options: a cold FUSE read of the
@@ -83,6 +89,7 @@ from benchlib import (
     mbps,
     raise_readahead,
     read_all,
+    read_files,
     run_bench,
     secs,
     warm_tree,
@@ -110,6 +117,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kb(pid: int) -> int:
@@ -263,14 +277,15 @@ class Sizes:
     large_file: int         # figure 1 large files
     small_file: int         # figure 1 small files
     s3_file: int            # figures 2, 3
+    s3_small: int           # figure S: files of small_file bytes
     tiny_files: int         # figure 4
     train_classes: int      # figure 5
     per_class: int
     val_files: int
 
 
-FULL = Sizes(2 * GiB, 128 * MiB, 64 * KiB, 1 * GiB, 100_000, 1000, 1250, 50_000)
-QUICK = Sizes(200 * MiB, 16 * MiB, 64 * KiB, 200 * MiB, 10_000, 100, 950, 5_000)
+FULL = Sizes(2 * GiB, 128 * MiB, 64 * KiB, 1 * GiB, 2000, 100_000, 1000, 1250, 50_000)
+QUICK = Sizes(200 * MiB, 16 * MiB, 64 * KiB, 200 * MiB, 500, 10_000, 100, 950, 5_000)
 
 
 class Bench:
@@ -572,6 +587,76 @@ class Bench:
                          f"{rss / 1024:.0f} MB", values={"rss_kb": rss}))
         self.big_local = src / "big.bin"
 
+    # -- S -----------------------------------------------------------------------------
+    def figS(self) -> None:
+        import boto3
+        from strata.catalog import layout
+        from strata.catalog.dataset import open_repo
+        sz = self.sizes
+        n, reps = sz.s3_small, self.args.reps
+        print(f"\nS. {n} small files of {sz.small_file // KiB} KiB from S3 (s3rver), one "
+              f"reader; best of {reps}", flush=True)
+        s3 = self.start_s3()
+        src = self.work / "srcS"
+        for i in range(n):
+            self.gen.write_file(src / f"d{i // 250:02d}" / f"{i:05d}.bin", sz.small_file)
+        repo = "s3://bench/strata"
+        vid, t_build = self.make_version(src, "bench", "s3small", repo)
+        entries = sorted((e for e in open_repo(repo).manifest(vid).files() if e.pack),
+                         key=lambda e: e.path)
+        assert len(entries) == n, (len(entries), n)
+        total = sum(e.size for e in entries)
+        print(f"   version {vid}: {n} files in {len({e.pack for e in entries})} packs "
+              f"(built + uploaded in {t_build:.1f} s)")
+        mp = self.work / "mntS"
+
+        def boto3_gets() -> tuple[float, float]:
+            client = boto3.session.Session().client("s3")
+            client.head_bucket(Bucket="bench")   # connected, as the mount is
+            c0 = time.process_time()
+            t0 = time.perf_counter()
+            got = 0
+            for e in entries:
+                got += len(client.get_object(
+                    Bucket="bench", Key="strata/" + layout.blob_key(e.pack),
+                    Range=f"bytes={e.offset}-{e.offset + e.size - 1}")["Body"].read())
+            t = time.perf_counter() - t0
+            assert got == total
+            return t, time.process_time() - c0
+
+        def strata_reads(rep: int) -> tuple[float, float]:
+            self.strata.mount(repo, vid, mp, cache_dir=self.work / f"cache-s3small-{rep}")
+            pid = self.strata.pid(mp)
+            os.stat(mp / entries[0].path)   # the manifest is in: files are what is timed
+            c0 = cpu_seconds(pid)
+            with self.strata.profiled(mp, f"figS-small-files-{rep}"):
+                got, t = read_files([str(mp / e.path) for e in entries])
+            c = cpu_seconds(pid) - c0
+            assert got == total
+            self.strata.unmount(mp)
+            return t, c
+
+        t_boto, t_strata = [], []
+        for rep in range(reps):
+            for times, run in ((t_boto, boto3_gets), (t_strata, lambda: strata_reads(rep))):
+                warm_tree(s3.folder)
+                os.sync()
+                times.append(run())
+        (ts, cs), (tb, cb) = min(t_strata), min(t_boto)
+        ratio_row(self.res, f"S. cold read of {n} files of {sz.small_file // KiB} KiB from "
+                  "S3 through a fresh mount, one reader in path order (files/s)", n / ts,
+                  n / tb, f"{n / ts:.0f}/s", f"boto3 get_object of each range: {n / tb:.0f}/s",
+                  None, info="no target")
+        self.res.rows[-1].values.update(strata_all=[n / t for t, _ in t_strata],
+                                        boto3_all=[n / t for t, _ in t_boto])
+        self.res.add(Row("S.i  per file: strata's time / mount CPU; boto3's time / client "
+                         "CPU (best rep of each)",
+                         f"{ts / n * 1000:.2f} ms / {cs / n * 1000:.2f} ms; "
+                         f"{tb / n * 1000:.2f} ms / {cb / n * 1000:.2f} ms",
+                         values={"strata_ms": ts / n * 1000, "strata_cpu_ms": cs / n * 1000,
+                                 "boto3_ms": tb / n * 1000, "boto3_cpu_ms": cb / n * 1000}))
+        shutil.rmtree(src)
+
     # -- 4 -----------------------------------------------------------------------------
     def fig4(self) -> None:
         sz = self.sizes
@@ -765,6 +850,8 @@ class Bench:
                 self.fig4()
             if 5 in only:
                 self.fig5()
+            if "S" in self.args.only.upper():
+                self.figS()
             if 6 in only or "B" in self.args.only.upper():
                 self.figB()
         finally:
@@ -777,8 +864,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes (a quick check)")
-    ap.add_argument("--only", default="1,2,3,4,5,B",
-                    help="figures to run, e.g. 2,3 (B: the FUSE binding comparison)")
+    ap.add_argument("--only", default="1,2,3,4,5,S,B",
+                    help="figures to run, e.g. 2,3 (S: small files from S3; B: the FUSE "
+                         "binding comparison)")
     ap.add_argument("--out", help="also write the results as JSON to this file")
     ap.add_argument("--workdir", help="parent folder for the work folder (default: $TMPDIR)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
