@@ -13,6 +13,17 @@ random read resets it, so random readers fetch only what they touch. The stream 
 keeps the descriptors of the units it is reading open (`UnitFiles`), closed by `close`
 when the handle is released.
 
+Readahead across small files (`PackWindows`): small files are stored in path order in
+packs, so a reader going through a folder (`cp -r`, `tar`, a data loader over a sorted
+list) reads pack ranges one after the other. A small file whose range starts where the
+previous small file read from that pack ended, or a little after (`SLACK`: files
+skipped), is fetched together with the bytes after it: a window of the pack that doubles
+while the reads stay in a row (`WINDOW_MIN` to `WINDOW_MAX`), kept in memory
+(`WINDOWS_BYTES` in all, least recently used dropped) for the files in it. Each file
+taken from a window is still verified against its own sha256 by the cache before it is
+used or stored; one that fails is fetched again by itself. A reader that jumps back or
+far ahead fetches exactly its files.
+
 Concurrency: the pool has `workers` threads; `_scheduled` (guarded by `_lock`) keeps one
 pending prefetch per chunk, and the cache's singleflight makes a reader that needs a
 chunk being prefetched wait for that download instead of starting another.
@@ -22,6 +33,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -56,6 +68,66 @@ class Stream:
 
 COPY_BLOCK = 8 << 20
 
+WINDOW_MIN = 512 << 10      # the first window after two small files in a row
+WINDOW_MAX = 8 << 20        # windows double up to this
+WINDOWS_BYTES = 64 << 20    # memory for all windows of a mount
+SLACK = 64 << 10            # a gap between two files that still counts as in a row
+MAX_STREAKS = 4096          # packs whose last read is remembered
+
+
+class PackWindows:
+    """Ranges of packs fetched ahead for readers of consecutive small files (the module's
+    docstring). `fetch(pack, offset, size)` returns the bytes of one small file, from a
+    window or from storage through `read(pack, offset, size)`."""
+
+    def __init__(self, read, limit: int = WINDOWS_BYTES):
+        self._read = read
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._windows: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # pack: start, bytes
+        self._bytes = 0
+        # pack -> (where the last small file read from it ended, the size of its window)
+        self._streaks: OrderedDict[str, tuple[int, int]] = OrderedDict()
+
+    def fetch(self, pack: str, offset: int, size: int) -> bytes:
+        end = offset + size
+        with self._lock:
+            streak = self._streaks.pop(pack, None)
+            window = self._windows.get(pack)
+            if window is not None and window[0] <= offset and end <= window[0] + len(window[1]):
+                self._windows.move_to_end(pack)
+                self._streaks[pack] = (end, streak[1] if streak else len(window[1]))
+                self._trim_streaks()
+                return window[1][offset - window[0]:end - window[0]]
+            grow = 0
+            if streak is not None and 0 <= offset - streak[0] <= SLACK:
+                grow = min(max(streak[1] * 2, WINDOW_MIN), WINDOW_MAX)
+            self._streaks[pack] = (end, grow)
+            self._trim_streaks()
+        if not grow:
+            return self._read(pack, offset, size)   # not in a row: exactly this file
+        data = self._read(pack, offset, max(size, grow))
+        with self._lock:
+            old = self._windows.pop(pack, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+            self._windows[pack] = (offset, data)
+            self._bytes += len(data)
+            while self._bytes > self._limit and len(self._windows) > 1:
+                self._bytes -= len(self._windows.popitem(last=False)[1][1])
+        return data[:size]
+
+    def _trim_streaks(self) -> None:
+        while len(self._streaks) > MAX_STREAKS:
+            self._streaks.popitem(last=False)
+
+    def forget(self, pack: str) -> None:
+        """Drop the window of `pack` (bytes in it failed their check)."""
+        with self._lock:
+            old = self._windows.pop(pack, None)
+            if old is not None:
+                self._bytes -= len(old[1])
+
 
 def copy_by_reads(read, size: int, fd: int) -> None:
     """Copy `size` bytes into descriptor `fd` through `read(offset, n)`, block by block."""
@@ -80,6 +152,7 @@ class Reader:
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
         self._max_pending = workers * 2
+        self.windows = PackWindows(lambda pack, offset, size: repo.read_blob(pack, offset, size))
 
     def read(self, entry: Entry, offset: int, size: int, stream: Stream | None = None) -> bytes:
         if offset >= entry.size or size <= 0:
@@ -210,9 +283,18 @@ class Reader:
         return lambda: self.repo.read_blob(cid)
 
     def _small_file(self, entry: Entry):
-        """(fetch, what) of a small file's unit: its exact range of its pack."""
-        return (lambda: self.repo.read_blob(entry.pack, entry.offset, entry.size),
-                f"{entry.path} (pack {entry.pack})")
+        """(fetch, what) of a small file's unit: its range of its pack, from a window of
+        the pack if a sequential reader brought one (`PackWindows`); fetched by itself
+        when asked again (the cache asks again only when the bytes failed their check)."""
+        asked = []
+
+        def fetch() -> bytes:
+            if asked:
+                self.windows.forget(entry.pack)
+                return self.repo.read_blob(entry.pack, entry.offset, entry.size)
+            asked.append(True)
+            return self.windows.fetch(entry.pack, entry.offset, entry.size)
+        return fetch, f"{entry.path} (pack {entry.pack})"
 
     def _readahead(self, entry: Entry, offset: int, size: int, s: Stream) -> None:
         with s.lock:

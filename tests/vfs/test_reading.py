@@ -113,6 +113,81 @@ def test_small_file_read_is_one_exact_range(repo_url, tmp_path, mounted):
     assert m.counting.bytes_read == len(files["f07"])
 
 
+def small_files(repo_url, tmp_path, mounted, count=120):
+    """`count` small files of 1-3 KiB (several packs of 256 KiB), through a fresh mount
+    whose manifest is fetched, storage counters at zero: (files, mount, packs)."""
+    rnd = random.Random(5)
+    files = {f"d/f{i:03}": rnd.randbytes(rnd.randrange(1000, 3000)) for i in range(count)}
+    ds = make(repo_url, tmp_path, files)
+    m = mounted(repo_url, ds.id)
+    packs = {m.view.lookup(p).entry.pack for p in files}
+    m.counting.reset()
+    return files, m, packs
+
+
+def test_small_files_read_in_order_come_in_windows_of_their_pack(repo_url, tmp_path,
+                                                                  mounted):
+    files, m, packs = small_files(repo_url, tmp_path, mounted, count=300)
+    assert len(packs) >= 2
+    for path in sorted(files):
+        assert m.fs.read_path(path) == files[path]
+    total = sum(len(v) for v in files.values())
+    # per pack: the first file by itself, then windows of 512 KiB and more: the pack's rest
+    assert m.counting.calls["read_range"] <= 2 * len(packs)
+    assert total <= m.counting.bytes_read <= total + len(packs) * 4096
+    # and each file is a verified unit of the cache, as if fetched by itself
+    m.cache.flush()
+    for path, data in files.items():
+        assert m.cache.contains(hashlib.sha256(data).hexdigest())
+
+
+def test_small_files_read_backwards_are_fetched_exactly(repo_url, tmp_path, mounted):
+    files, m, _ = small_files(repo_url, tmp_path, mounted)
+    for path in sorted(files, reverse=True):
+        assert m.fs.read_path(path) == files[path]
+    assert m.counting.calls["read_range"] == len(files)
+    assert m.counting.bytes_read == sum(len(v) for v in files.values())
+
+
+def test_a_corrupt_small_file_in_a_window_is_fetched_again_by_itself(repo_url, tmp_path,
+                                                                     mounted):
+    files, m, _ = small_files(repo_url, tmp_path, mounted)
+    order = sorted(files)
+    victim = m.view.lookup(order[40]).entry
+    path = os.path.join(repo_url, layout.blob_key(victim.pack))
+    raw = bytearray(open(path, "rb").read())
+    raw[victim.offset + 10] ^= 1
+    open(path, "wb").write(bytes(raw))
+    for p in order[:40]:
+        assert m.fs.read_path(p) == files[p]
+    m.counting.reset()
+    with pytest.raises(Corrupt, match=order[40]):
+        m.fs.read_path(order[40])        # from the window, then by itself: still corrupt
+    assert m.counting.calls["read_range"] == 1
+    assert m.counting.bytes_read == victim.size
+    assert not m.cache.contains(victim.sha256)
+    for p in order[41:]:
+        assert m.fs.read_path(p) == files[p]
+
+
+def test_pack_windows_stay_within_their_memory_limit():
+    from strata.vfs.reader import WINDOW_MIN, PackWindows
+    packs = {f"p{i}": os.urandom(4 * WINDOW_MIN) for i in range(6)}
+    reads = []
+
+    def read(pack, offset, size):
+        reads.append((pack, offset, size))
+        return packs[pack][offset:offset + size]
+
+    windows = PackWindows(read, limit=3 * WINDOW_MIN)
+    for pack, data in packs.items():
+        for off in range(0, 3 * WINDOW_MIN, 4096):
+            assert windows.fetch(pack, off, 4096) == data[off:off + 4096]
+            assert windows._bytes <= 3 * WINDOW_MIN + 2 * WINDOW_MIN
+    assert len(reads) <= 3 * len(packs)   # by itself, 512 KiB, then 1 MiB
+    assert [size for _, _, size in reads[:3]] == [4096, WINDOW_MIN, 2 * WINDOW_MIN]
+
+
 def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
     data, m, fh = open_big(repo_url, tmp_path, mounted)
     step = 16 * 1024
