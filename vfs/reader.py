@@ -19,7 +19,8 @@ list) reads pack ranges one after the other. A small file whose range starts whe
 previous small file read from that pack ended, or a little after (`SLACK`: files
 skipped), is fetched together with the bytes after it: a window of the pack that doubles
 while the reads stay in a row (`WINDOW_MIN` to `WINDOW_MAX`), kept in memory
-(`WINDOWS_BYTES` in all, least recently used dropped) for the files in it. Each file
+(`WINDOWS_BYTES` in all, least recently used dropped) for the files in it; half way
+through a window the next one is fetched in the background. Each file
 taken from a window is still verified against its own sha256 by the cache before it is
 used or stored; one that fails is fetched again by itself. A reader that jumps back or
 far ahead fetches exactly its files.
@@ -72,61 +73,135 @@ WINDOW_MIN = 512 << 10      # the first window after two small files in a row
 WINDOW_MAX = 8 << 20        # windows double up to this
 WINDOWS_BYTES = 64 << 20    # memory for all windows of a mount
 SLACK = 64 << 10            # a gap between two files that still counts as in a row
-MAX_STREAKS = 4096          # packs whose last read is remembered
+MAX_PACKS = 4096            # packs whose last read is remembered
+
+
+@dataclass
+class _Pack:
+    """What `PackWindows` knows of one pack."""
+    end: int = -1           # where the last small file read from it ended
+    grow: int = 0           # the size of its latest window (0: not in a row)
+    windows: list = field(default_factory=list)   # [(start, bytes)], oldest first, <= 2
+    ahead: tuple | None = None   # (start, size, future) of the window being fetched ahead
+    ended: bool = False     # a window came back short: the pack ends there
 
 
 class PackWindows:
     """Ranges of packs fetched ahead for readers of consecutive small files (the module's
     docstring). `fetch(pack, offset, size)` returns the bytes of one small file, from a
-    window or from storage through `read(pack, offset, size)`."""
+    window or from storage through `read(pack, offset, size)`. With `submit` (a thread
+    pool's), once a reader is half way through a pack's newest window the next one is
+    fetched in the background, so a reader in a row seldom waits for storage."""
 
-    def __init__(self, read, limit: int = WINDOWS_BYTES):
+    def __init__(self, read, submit=None, limit: int = WINDOWS_BYTES):
         self._read = read
+        self._submit = submit
         self._limit = limit
         self._lock = threading.Lock()
-        self._windows: OrderedDict[str, tuple[int, bytes]] = OrderedDict()  # pack: start, bytes
+        self._packs: OrderedDict[str, _Pack] = OrderedDict()   # least recently read first
         self._bytes = 0
-        # pack -> (where the last small file read from it ended, the size of its window)
-        self._streaks: OrderedDict[str, tuple[int, int]] = OrderedDict()
 
     def fetch(self, pack: str, offset: int, size: int) -> bytes:
         end = offset + size
         with self._lock:
-            streak = self._streaks.pop(pack, None)
-            window = self._windows.get(pack)
-            if window is not None and window[0] <= offset and end <= window[0] + len(window[1]):
-                self._windows.move_to_end(pack)
-                self._streaks[pack] = (end, streak[1] if streak else len(window[1]))
-                self._trim_streaks()
-                return window[1][offset - window[0]:end - window[0]]
-            grow = 0
-            if streak is not None and 0 <= offset - streak[0] <= SLACK:
-                grow = min(max(streak[1] * 2, WINDOW_MIN), WINDOW_MAX)
-            self._streaks[pack] = (end, grow)
-            self._trim_streaks()
+            p = self._packs.pop(pack, None) or _Pack()
+            self._packs[pack] = p
+            while len(self._packs) > MAX_PACKS:
+                self._drop(self._packs.popitem(last=False)[1])
+            in_row = p.end >= 0 and 0 <= offset - p.end <= SLACK
+            p.end = end
+            hit = self._hit(pack, p, offset, end)
+            if hit is not None:
+                return hit
+            coming = None
+            at = self._covered(p, offset, end)[1]   # the rest may be in the window ahead
+            if p.ahead is not None and p.ahead[0] <= at and end <= p.ahead[0] + p.ahead[1]:
+                coming = p.ahead[2]
+            else:
+                p.grow = min(max(p.grow * 2, WINDOW_MIN), WINDOW_MAX) if in_row else 0
+            grow = p.grow
+        if coming is not None:
+            try:
+                coming.result()   # the window ahead is on its way: wait for it
+            except Exception:  # noqa: BLE001 - it failed: fetch this file by itself
+                pass
+            with self._lock:
+                hit = self._hit(pack, p, offset, end)
+            return hit if hit is not None else self._read(pack, offset, size)
         if not grow:
             return self._read(pack, offset, size)   # not in a row: exactly this file
         data = self._read(pack, offset, max(size, grow))
         with self._lock:
-            old = self._windows.pop(pack, None)
-            if old is not None:
-                self._bytes -= len(old[1])
-            self._windows[pack] = (offset, data)
-            self._bytes += len(data)
-            while self._bytes > self._limit and len(self._windows) > 1:
-                self._bytes -= len(self._windows.popitem(last=False)[1][1])
+            self._keep(p, offset, data, max(size, grow))
+            self._fetch_ahead(pack, p, end)
         return data[:size]
 
-    def _trim_streaks(self) -> None:
-        while len(self._streaks) > MAX_STREAKS:
-            self._streaks.popitem(last=False)
-
     def forget(self, pack: str) -> None:
-        """Drop the window of `pack` (bytes in it failed their check)."""
+        """Drop what is known of `pack` (bytes of a window failed their check)."""
         with self._lock:
-            old = self._windows.pop(pack, None)
-            if old is not None:
-                self._bytes -= len(old[1])
+            p = self._packs.pop(pack, None)
+            if p is not None:
+                self._drop(p)
+
+    # -- under the lock
+    def _hit(self, pack: str, p: _Pack, offset: int, end: int) -> bytes | None:
+        """The bytes from the windows (a file may span two adjacent ones), or None."""
+        got, at = self._covered(p, offset, end)
+        if at < end:
+            return None
+        self._fetch_ahead(pack, p, end)
+        return got[0] if len(got) == 1 else b"".join(got)
+
+    @staticmethod
+    def _covered(p: _Pack, offset: int, end: int) -> tuple[list[bytes], int]:
+        """The pieces of [offset, end) that the windows hold from `offset` on, and where
+        they stop."""
+        got, at = [], offset
+        for start, data in sorted(p.windows, key=lambda w: w[0]):
+            if start <= at < start + len(data):
+                stop = min(end, start + len(data))
+                got.append(data[at - start:stop - start])
+                at = stop
+        return got, at
+
+    def _keep(self, p: _Pack, start: int, data: bytes, asked: int) -> None:
+        p.windows.append((start, data))
+        self._bytes += len(data)
+        if len(data) < asked:
+            p.ended = True
+        if len(p.windows) > 2:
+            self._bytes -= len(p.windows.pop(0)[1])
+        for q in list(self._packs.values()):   # least recently read first
+            while self._bytes > self._limit and q.windows and (q is not p or len(q.windows) > 1):
+                self._bytes -= len(q.windows.pop(0)[1])
+
+    def _drop(self, p: _Pack) -> None:
+        self._bytes -= sum(len(data) for _, data in p.windows)
+        p.windows.clear()
+
+    def _fetch_ahead(self, pack: str, p: _Pack, end: int) -> None:
+        if self._submit is None or p.ended or p.ahead is not None or not p.windows:
+            return
+        last_start, last = p.windows[-1]
+        if end < last_start + len(last) // 2:
+            return   # not half way through the newest window yet
+        start, size = last_start + len(last), min(max(p.grow * 2, WINDOW_MIN), WINDOW_MAX)
+
+        def job() -> None:
+            try:
+                data = self._read(pack, start, size)
+            except Exception as e:  # noqa: BLE001 - a reader that needs it fetches it
+                log.debug("window ahead of pack %s failed: %s", pack, e)
+                data = None
+            with self._lock:
+                p.ahead = None
+                if data is not None and self._packs.get(pack) is p:
+                    p.grow = size
+                    self._keep(p, start, data, size)
+        try:
+            p.ahead = (start, size, self._submit(job))   # job waits for the lock we hold
+        except RuntimeError:   # the pool is shut down: the mount is closing
+            pass
 
 
 def copy_by_reads(read, size: int, fd: int) -> None:
@@ -152,7 +227,8 @@ class Reader:
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
         self._max_pending = workers * 2
-        self.windows = PackWindows(lambda pack, offset, size: repo.read_blob(pack, offset, size))
+        self.windows = PackWindows(lambda pack, offset, size: repo.read_blob(pack, offset, size),
+                                   self._pool.submit)
 
     def read(self, entry: Entry, offset: int, size: int, stream: Stream | None = None) -> bytes:
         if offset >= entry.size or size <= 0:

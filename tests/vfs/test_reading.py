@@ -188,6 +188,66 @@ def test_pack_windows_stay_within_their_memory_limit():
     assert [size for _, _, size in reads[:3]] == [4096, WINDOW_MIN, 2 * WINDOW_MIN]
 
 
+def test_pack_windows_ahead_come_from_the_background_and_no_byte_twice():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from strata.vfs.reader import WINDOW_MIN, PackWindows
+    pack = os.urandom(8 << 20)
+    reads = []
+
+    def read(name, offset, size):
+        reads.append((threading.current_thread().name, offset, size))
+        return pack[offset:offset + size]
+
+    with ThreadPoolExecutor(2, thread_name_prefix="ahead") as pool:
+        windows = PackWindows(read, pool.submit)
+        step = 4096
+        for off in range(0, 6 << 20, step):
+            assert windows.fetch("p", off, step) == pack[off:off + step]
+    mine = [r for r in reads if not r[0].startswith("ahead")]
+    assert [size for _, _, size in mine] == [step, WINDOW_MIN]   # then all from the pool
+    spans = sorted((off, off + size) for _, off, size in reads)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))    # no byte fetched twice
+    assert spans[-1][1] >= 6 << 20
+
+
+class RecordingStorage:
+    """Passes every call on; records (thread name, key, offset, length) of ranged reads."""
+
+    def __init__(self, inner):
+        self.inner, self.url, self.ranged = inner, inner.url, []
+
+    def read_range(self, key, offset, length):
+        self.ranged.append((threading.current_thread().name, key, offset, length))
+        return self.inner.read_range(key, offset, length)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_pack_read_in_order_is_fetched_ahead_by_the_readahead_pool(tmp_path, mounted):
+    from strata.catalog.repo import Repository
+    url = str(tmp_path / "bigpacks")
+    Repository.open(url, create=True, chunk_size=1 << 20, pack_size=16 << 20)   # ~1 MiB packs
+    rnd = random.Random(6)
+    files = {f"d/f{i:04}": rnd.randbytes(rnd.randrange(1500, 2500)) for i in range(2000)}
+    ds = make(url, tmp_path, files)
+    recorded = []
+    m = mounted(url, ds.id, wrap=lambda inner: recorded.append(RecordingStorage(inner))
+                or recorded[0])
+    packs = {m.view.lookup(p).entry.pack for p in files}
+    del recorded[0].ranged[:]
+    for path in sorted(files):
+        assert m.fs.read_path(path) == files[path]
+    me = threading.current_thread().name
+    for pack in packs:   # of each: the first file and a window, then the pool's windows
+        threads = [name for name, key, *_ in recorded[0].ranged if pack in key]
+        assert threads[:2] == [me, me] and len(threads) >= 3, threads
+        assert all(name.startswith("strata-readahead") for name in threads[2:]), threads
+    total = sum(len(v) for v in files.values())
+    assert sum(length for *_, length in recorded[0].ranged) < total + len(packs) * (2 << 20)
+
+
 def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
     data, m, fh = open_big(repo_url, tmp_path, mounted)
     step = 16 * 1024
