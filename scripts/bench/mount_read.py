@@ -96,6 +96,7 @@ from benchlib import (
 )
 
 TOOLS_DEFAULT = "/opt/strata-bench"
+SMALL_DELAY = 0.02   # figure S also reads a quarter of its files from a store this far
 
 
 # ---- results ---------------------------------------------------------------------------
@@ -185,6 +186,49 @@ class S3Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
+
+
+class DelayProxy:
+    """A TCP proxy on 127.0.0.1 that holds every block a client sends for `delay` seconds
+    before passing it on: each request reaches the server `delay` later, as from a store
+    that far away; answers flow back at once."""
+
+    def __init__(self, target_port: int, delay: float):
+        self.target, self.delay = target_port, delay
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(128)
+        self.endpoint = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return   # closed
+            server = socket.create_connection(("127.0.0.1", self.target))
+            for a, b, delay in ((client, server, self.delay), (server, client, 0.0)):
+                threading.Thread(target=self._pump, args=(a, b, delay), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket, delay: float) -> None:
+        try:
+            while data := src.recv(1 << 20):
+                if delay:
+                    time.sleep(delay)   # the distance to the store, not synchronisation
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def _pkg_version(path: Path) -> str:
@@ -605,56 +649,71 @@ class Bench:
         entries = sorted((e for e in open_repo(repo).manifest(vid).files() if e.pack),
                          key=lambda e: e.path)
         assert len(entries) == n, (len(entries), n)
-        total = sum(e.size for e in entries)
         print(f"   version {vid}: {n} files in {len({e.pack for e in entries})} packs "
               f"(built + uploaded in {t_build:.1f} s)")
         mp = self.work / "mntS"
 
-        def boto3_gets() -> tuple[float, float]:
+        def boto3_gets(files: list) -> tuple[float, float]:
             client = boto3.session.Session().client("s3")
             client.head_bucket(Bucket="bench")   # connected, as the mount is
             c0 = time.process_time()
             t0 = time.perf_counter()
             got = 0
-            for e in entries:
+            for e in files:
                 got += len(client.get_object(
                     Bucket="bench", Key="strata/" + layout.blob_key(e.pack),
                     Range=f"bytes={e.offset}-{e.offset + e.size - 1}")["Body"].read())
             t = time.perf_counter() - t0
-            assert got == total
+            assert got == sum(e.size for e in files)
             return t, time.process_time() - c0
 
-        def strata_reads(rep: int) -> tuple[float, float]:
-            self.strata.mount(repo, vid, mp, cache_dir=self.work / f"cache-s3small-{rep}")
+        def strata_reads(files: list, cache: str) -> tuple[float, float]:
+            self.strata.mount(repo, vid, mp, cache_dir=self.work / cache)
             pid = self.strata.pid(mp)
-            os.stat(mp / entries[0].path)   # the manifest is in: files are what is timed
+            os.stat(mp / files[0].path)   # the manifest is in: files are what is timed
             c0 = cpu_seconds(pid)
-            with self.strata.profiled(mp, f"figS-small-files-{rep}"):
-                got, t = read_files([str(mp / e.path) for e in entries])
+            with self.strata.profiled(mp, f"figS-small-files-{cache}"):
+                got, t = read_files([str(mp / e.path) for e in files])
             c = cpu_seconds(pid) - c0
-            assert got == total
+            assert got == sum(e.size for e in files)
             self.strata.unmount(mp)
             return t, c
 
-        t_boto, t_strata = [], []
-        for rep in range(reps):
-            for times, run in ((t_boto, boto3_gets), (t_strata, lambda: strata_reads(rep))):
-                warm_tree(s3.folder)
-                os.sync()
-                times.append(run())
-        (ts, cs), (tb, cb) = min(t_strata), min(t_boto)
-        ratio_row(self.res, f"S. cold read of {n} files of {sz.small_file // KiB} KiB from "
-                  "S3 through a fresh mount, one reader in path order (files/s)", n / ts,
-                  n / tb, f"{n / ts:.0f}/s", f"boto3 get_object of each range: {n / tb:.0f}/s",
-                  None, info="no target")
-        self.res.rows[-1].values.update(strata_all=[n / t for t, _ in t_strata],
-                                        boto3_all=[n / t for t, _ in t_boto])
-        self.res.add(Row("S.i  per file: strata's time / mount CPU; boto3's time / client "
-                         "CPU (best rep of each)",
-                         f"{ts / n * 1000:.2f} ms / {cs / n * 1000:.2f} ms; "
-                         f"{tb / n * 1000:.2f} ms / {cb / n * 1000:.2f} ms",
-                         values={"strata_ms": ts / n * 1000, "strata_cpu_ms": cs / n * 1000,
-                                 "boto3_ms": tb / n * 1000, "boto3_cpu_ms": cb / n * 1000}))
+        def measure(label: str, files: list, cache: str) -> None:
+            n = len(files)
+            t_boto, t_strata = [], []
+            for rep in range(reps):
+                for times, run in ((t_boto, lambda: boto3_gets(files)),
+                                   (t_strata, lambda: strata_reads(files, f"{cache}-{rep}"))):
+                    warm_tree(s3.folder)
+                    os.sync()
+                    times.append(run())
+            (ts, cs), (tb, cb) = min(t_strata), min(t_boto)
+            ratio_row(self.res, f"S. cold read of {n} files of {sz.small_file // KiB} KiB from "
+                      f"S3 {label} through a fresh mount, one reader in path order "
+                      "(files/s)", n / ts, n / tb, f"{n / ts:.0f}/s",
+                      f"boto3 get_object of each range: {n / tb:.0f}/s", None, info="no target")
+            self.res.rows[-1].values.update(strata_all=[n / t for t, _ in t_strata],
+                                            boto3_all=[n / t for t, _ in t_boto])
+            self.res.add(Row(f"S.i  {label}, per file: strata's time / mount CPU; boto3's "
+                             "time / client CPU (best rep of each)",
+                             f"{ts / n * 1000:.2f} ms / {cs / n * 1000:.2f} ms; "
+                             f"{tb / n * 1000:.2f} ms / {cb / n * 1000:.2f} ms",
+                             values={"strata_ms": ts / n * 1000,
+                                     "strata_cpu_ms": cs / n * 1000,
+                                     "boto3_ms": tb / n * 1000, "boto3_cpu_ms": cb / n * 1000}))
+
+        measure("(s3rver on loopback)", entries, "cache-s3small")
+        # the same through a proxy that delays every request by DELAY: a store that far
+        proxy = DelayProxy(s3.port, SMALL_DELAY)
+        direct = os.environ["AWS_ENDPOINT_URL"]
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        try:
+            measure(f"{SMALL_DELAY * 1000:.0f} ms away (a proxy delays each request)",
+                    entries[:len(entries) // 4], "cache-s3small-far")
+        finally:
+            os.environ["AWS_ENDPOINT_URL"] = direct
+            proxy.close()
         shutil.rmtree(src)
 
     # -- 4 -----------------------------------------------------------------------------
