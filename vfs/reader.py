@@ -15,15 +15,16 @@ when the handle is released.
 
 Readahead across small files (`PackWindows`): small files are stored in path order in
 packs, so a reader going through a folder (`cp -r`, `tar`, a data loader over a sorted
-list) reads pack ranges one after the other. A small file whose range starts where the
-previous small file read from that pack ended, or a little after (`SLACK`: files
-skipped), is fetched together with the bytes after it: a window of the pack that doubles
-while the reads stay in a row (`WINDOW_MIN` to `WINDOW_MAX`), kept in memory
-(`WINDOWS_BYTES` in all, least recently used dropped) for the files in it; half way
-through a window the next one is fetched in the background. Each file
-taken from a window is still verified against its own sha256 by the cache before it is
-used or stored; one that fails is fetched again by itself. A reader that jumps back or
-far ahead fetches exactly its files.
+list) reads pack ranges one after the other. A small file whose range starts at most
+`SLACK` after the furthest point read from its pack (files skipped, or taken by other
+workers of a loader that reads every n-th file) is fetched together with the bytes
+after it: a window of the pack that doubles while the reads stay in a row
+(`WINDOW_MIN` to `WINDOW_MAX`), kept in memory (`WINDOWS_BYTES` in all, least recently
+used dropped) for the files in it; half way through the furthest window the next one is
+fetched in the background. Each file taken from a window is still verified against its
+own sha256 by the cache before it is used or stored; one that fails is fetched again by
+itself. A file behind the furthest point and in no window, or further ahead than
+`SLACK`, is fetched exactly: a random reader fetches only what it touches.
 
 Concurrency: the pool has `workers` threads; `_scheduled` (guarded by `_lock`) keeps one
 pending prefetch per chunk, and the cache's singleflight makes a reader that needs a
@@ -35,7 +36,7 @@ from __future__ import annotations
 import os
 import threading
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from strata.catalog.external import read_external_range
@@ -72,26 +73,37 @@ COPY_BLOCK = 8 << 20
 WINDOW_MIN = 512 << 10      # the first window after two small files in a row
 WINDOW_MAX = 8 << 20        # windows double up to this
 WINDOWS_BYTES = 64 << 20    # memory for all windows of a mount
-SLACK = 64 << 10            # a gap between two files that still counts as in a row
+SLACK = 1 << 20             # a gap after the last file read that still counts as in a row
 MAX_PACKS = 4096            # packs whose last read is remembered
+WINDOWS_PER_PACK = 3        # a window, the one ahead, and one for readers lagging behind
 
 
 @dataclass
 class _Pack:
     """What `PackWindows` knows of one pack."""
-    end: int = -1           # where the last small file read from it ended
-    grow: int = 0           # the size of its latest window (0: not in a row)
-    windows: list = field(default_factory=list)   # [(start, bytes)], oldest first, <= 2
-    ahead: tuple | None = None   # (start, size, future) of the window being fetched ahead
+    end: int = -1           # how far readers in a row have read it (-1: no reader yet)
+    grow: int = 0           # the size of its latest window (0: no reader in a row)
+    windows: list = field(default_factory=list)   # [(start, bytes)], oldest first
+    pending: list = field(default_factory=list)   # [(start, size, Future)] being fetched
     ended: bool = False     # a window came back short: the pack ends there
+
+    def reach(self) -> int:
+        """Where the windows and fetches of this pack end."""
+        return max([s + len(d) for s, d in self.windows] +
+                   [s + n for s, n, _ in self.pending], default=-1)
 
 
 class PackWindows:
     """Ranges of packs fetched ahead for readers of consecutive small files (the module's
     docstring). `fetch(pack, offset, size)` returns the bytes of one small file, from a
-    window or from storage through `read(pack, offset, size)`. With `submit` (a thread
-    pool's), once a reader is half way through a pack's newest window the next one is
-    fetched in the background, so a reader in a row seldom waits for storage."""
+    window or from storage through `read(pack, offset, size)`.
+
+    Several readers of one pack (a data loader's workers, each taking every n-th file)
+    reach it slightly out of order: a file inside a window, or inside a range being
+    fetched, is taken from there (its reader waits for the fetch), and a file behind how
+    far the readers got is fetched by itself without breaking their run. With `submit`
+    (a thread pool's), once a reader is half way through the furthest window the next
+    one is fetched in the background, so readers in a row seldom wait for storage."""
 
     def __init__(self, read, submit=None, limit: int = WINDOWS_BYTES):
         self._read = read
@@ -108,32 +120,45 @@ class PackWindows:
             self._packs[pack] = p
             while len(self._packs) > MAX_PACKS:
                 self._drop(self._packs.popitem(last=False)[1])
-            in_row = p.end >= 0 and 0 <= offset - p.end <= SLACK
-            p.end = end
             hit = self._hit(pack, p, offset, end)
             if hit is not None:
                 return hit
-            coming = None
-            at = self._covered(p, offset, end)[1]   # the rest may be in the window ahead
-            if p.ahead is not None and p.ahead[0] <= at and end <= p.ahead[0] + p.ahead[1]:
-                coming = p.ahead[2]
-            else:
-                p.grow = min(max(p.grow * 2, WINDOW_MIN), WINDOW_MAX) if in_row else 0
-            grow = p.grow
-        if coming is not None:
+            at = self._covered(p, offset, end)[1]   # the rest may be on its way
+            coming = next((f for s, n, f in p.pending if s <= at and end <= s + n), None)
+            want = 0
+            if coming is None:
+                if p.end >= 0 and offset < p.end:
+                    pass                              # behind the run: this file alone
+                elif p.end >= 0 and offset - p.end <= SLACK:
+                    p.grow = want = min(max(p.grow * 2, WINDOW_MIN), WINDOW_MAX)
+                    want = max(want, size)
+                    coming = Future()
+                    p.pending.append((offset, want, coming))
+                    p.end = end
+                else:
+                    p.end, p.grow = end, 0            # a jump: no run (yet)
+        if not want and coming is not None:
             try:
-                coming.result()   # the window ahead is on its way: wait for it
-            except Exception:  # noqa: BLE001 - it failed: fetch this file by itself
+                coming.result()   # the bytes are on their way: wait for them
+            except Exception:  # noqa: BLE001 - that fetch failed: this file by itself
                 pass
             with self._lock:
                 hit = self._hit(pack, p, offset, end)
             return hit if hit is not None else self._read(pack, offset, size)
-        if not grow:
-            return self._read(pack, offset, size)   # not in a row: exactly this file
-        data = self._read(pack, offset, max(size, grow))
+        if not want:
+            return self._read(pack, offset, size)    # not in a run: exactly this file
+        try:
+            data = self._read(pack, offset, want)
+        except BaseException as e:
+            with self._lock:
+                p.pending = [x for x in p.pending if x[2] is not coming]
+            coming.set_exception(e)
+            raise
         with self._lock:
-            self._keep(p, offset, data, max(size, grow))
+            p.pending = [x for x in p.pending if x[2] is not coming]
+            self._keep(p, offset, data, want)
             self._fetch_ahead(pack, p, end)
+        coming.set_result(None)
         return data[:size]
 
     def forget(self, pack: str) -> None:
@@ -149,6 +174,7 @@ class PackWindows:
         got, at = self._covered(p, offset, end)
         if at < end:
             return None
+        p.end = max(p.end, end)
         self._fetch_ahead(pack, p, end)
         return got[0] if len(got) == 1 else b"".join(got)
 
@@ -169,7 +195,7 @@ class PackWindows:
         self._bytes += len(data)
         if len(data) < asked:
             p.ended = True
-        if len(p.windows) > 2:
+        if len(p.windows) > WINDOWS_PER_PACK:
             self._bytes -= len(p.windows.pop(0)[1])
         for q in list(self._packs.values()):   # least recently read first
             while self._bytes > self._limit and q.windows and (q is not p or len(q.windows) > 1):
@@ -180,12 +206,15 @@ class PackWindows:
         p.windows.clear()
 
     def _fetch_ahead(self, pack: str, p: _Pack, end: int) -> None:
-        if self._submit is None or p.ended or p.ahead is not None or not p.windows:
+        if self._submit is None or p.ended or not p.windows:
             return
-        last_start, last = p.windows[-1]
-        if end < last_start + len(last) // 2:
-            return   # not half way through the newest window yet
-        start, size = last_start + len(last), min(max(p.grow * 2, WINDOW_MIN), WINDOW_MAX)
+        start = p.reach()
+        if any(s + n == start for s, n, _ in p.pending):
+            return   # the furthest range is still being fetched
+        last_start, last = max(p.windows, key=lambda w: w[0])
+        if last_start + len(last) != start or end < last_start + len(last) // 2:
+            return   # not half way through the furthest window yet
+        size = min(max(p.grow * 2, WINDOW_MIN), WINDOW_MAX)
 
         def job() -> None:
             try:
@@ -194,12 +223,13 @@ class PackWindows:
                 log.debug("window ahead of pack %s failed: %s", pack, e)
                 data = None
             with self._lock:
-                p.ahead = None
+                p.pending = [x for x in p.pending if x[0] != start]
                 if data is not None and self._packs.get(pack) is p:
                     p.grow = size
                     self._keep(p, start, data, size)
         try:
-            p.ahead = (start, size, self._submit(job))   # job waits for the lock we hold
+            # the job waits for the lock held here, so it cannot end before it is listed
+            p.pending.append((start, size, self._submit(job)))
         except RuntimeError:   # the pool is shut down: the mount is closing
             pass
 

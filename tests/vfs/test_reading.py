@@ -248,6 +248,38 @@ def test_a_pack_read_in_order_is_fetched_ahead_by_the_readahead_pool(tmp_path, m
     assert sum(length for *_, length in recorded[0].ranged) < total + len(packs) * (2 << 20)
 
 
+def test_workers_taking_every_nth_small_file_share_the_windows(tmp_path, mounted):
+    # a data loader's workers: each reads every 4th file, at its own pace
+    from strata.catalog.repo import Repository
+    url = str(tmp_path / "loader")
+    Repository.open(url, create=True, chunk_size=1 << 20, pack_size=64 << 20)
+    rnd = random.Random(8)
+    files = {f"d/f{i:04}": rnd.randbytes(rnd.randrange(20_000, 60_000)) for i in range(1200)}
+    ds = make(url, tmp_path, files)
+    m = mounted(url, ds.id)
+    names = sorted(files)
+    m.fs.getattr(names[0])
+    m.counting.reset()
+    errors = []
+
+    def worker(k: int) -> None:
+        for name in names[k::4]:
+            if m.fs.read_path(name) != files[name]:
+                errors.append(name)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    total = sum(len(v) for v in files.values())
+    # one GET per file without windows; with them, a few per window (a worker's file
+    # behind where a window starts is fetched by itself)
+    assert m.counting.calls["read_range"] <= len(files) // 4, m.counting.calls["read_range"]
+    assert m.counting.bytes_read <= 1.3 * total
+
+
 def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
     data, m, fh = open_big(repo_url, tmp_path, mounted)
     step = 16 * 1024
