@@ -261,3 +261,40 @@ def test_a_cached_file_is_handed_to_the_kernel(build, mounts):
     finally:
         os.rename(blobs + ".away", blobs)
     assert (mnt / "big.bin").read_bytes() == big
+
+
+def test_tar_of_small_files_from_s3_reads_their_packs_in_windows(s3_server, monkeypatch,
+                                                                  mounts, tmp_path):
+    """`tar --sort=name` of 600 small files through a mount of an S3 repository: the
+    bytes are the files', and the GETs that reach the store are a few per pack, not one
+    per file (counted by a proxy in front of moto)."""
+    import io
+    import tarfile
+
+    from strata.catalog.repo import Repository
+    from tests.conftest import apply_s3_env
+    from tests.e2e.conftest import Builder
+    from tests.storage.emulators import FlakyProxy
+
+    with FlakyProxy(s3_server.endpoint_url) as proxy:   # no failures: it only counts
+        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
+        url = f"s3://{s3_server.make_bucket()}/repo"
+        Repository.open(url, create=True, chunk_size=CHUNK, pack_size=4 << 20)
+        rnd = random.Random(12)
+        files = {f"imgs/{i // 100:02}/{i:04}.jpg": rnd.randbytes(rnd.randrange(2000, 9000))
+                 for i in range(600)}
+        vid = Builder(url, tmp_path).version(files)
+        mnt = mounts.folder()
+        mounts.start(vid, url)
+        assert sorted(os.listdir(mnt / "imgs")) == [f"{i:02}" for i in range(6)]
+        before = proxy.requests
+        out = subprocess.run(["tar", "--sort=name", "-cf", "-", "-C", str(mnt), "imgs"],
+                             capture_output=True, check=True).stdout
+        gets = proxy.requests - before
+        with tarfile.open(fileobj=io.BytesIO(out)) as archive:
+            got = {m.name: archive.extractfile(m).read() for m in archive if m.isfile()}
+        assert got == files
+        # manifest lookups of the six folders aside, windows of 512 KiB and more: without
+        # them, one GET per file (600)
+        assert gets <= 40, gets
+        mounts.unmount(mnt)
