@@ -73,7 +73,7 @@ COPY_BLOCK = 8 << 20
 WINDOW_MIN = 512 << 10      # the first window after two small files in a row
 WINDOW_MAX = 8 << 20        # windows double up to this
 WINDOWS_BYTES = 64 << 20    # memory for all windows of a mount
-SLACK = 1 << 20             # a gap after the last file read that still counts as in a row
+SLACK = 1 << 20             # how far past the furthest point read a file is still in a row
 MAX_PACKS = 4096            # packs whose last read is remembered
 WINDOWS_PER_PACK = 3        # a window, the one ahead, and one for readers lagging behind
 

@@ -41,8 +41,10 @@ Figures (docs/performance.md, "Mount reads (issue 3)"):
   S. small files from S3: a cold read of 2000 files of 64 KiB (a version in s3rver, the
      files in packs) through a fresh mount with an empty strata cache, one reader going
      through them in path order as `cp -r` or `tar` would, vs boto3 `get_object` of the
-     same (pack, offset, size) ranges one after the other; no target (where the time and
-     CPU of one small file go: a GET, its verification, the cache, FUSE).
+     same (pack, offset, size) ranges one after the other; then a quarter of them again
+     through a TCP proxy that holds each request SMALL_DELAY (20 ms: a store that far
+     away). No target: where the time and CPU of one small file go (GETs, verification,
+     the cache, FUSE), and what pack windows save.
 
   B. FUSE bindings: minimal read-only passthrough file systems (this script's
      --passthrough mode) on mfusepy with libfuse3 (strata's binding until strata spoke
