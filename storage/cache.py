@@ -483,20 +483,33 @@ class UnitCache:
 
     def store(self, unit: str, data: bytes) -> None:
         """Write a verified unit (the caller has checked its hash)."""
+        def write(path: Path) -> None:
+            tmp = path.parent / f".{unit}.{os.getpid()}.{threading.get_ident()}.tmp"
+            try:
+                os.close(directio.create(str(tmp), data, exclusive=False))  # past the cache
+                os.replace(tmp, path)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        self._place(unit, len(data), write)
+
+    def adopt(self, unit: str, path: str, size: int) -> None:
+        """Make the file at `path`, whose first `size` bytes are the verified unit, that
+        unit's file: cut to `size` and renamed in (same filesystem), not copied."""
+        def move(dest: Path) -> None:
+            os.truncate(path, size)
+            os.replace(path, dest)
+        self._place(unit, size, move)
+
+    def _place(self, unit: str, size: int, put: Callable[[Path], None]) -> None:
         path = self.path_of(unit)
         path.parent.mkdir(exist_ok=True)
         # index first: a crash then leaves a row without a file, which eviction tolerates
         self._db().execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
-                           (unit, len(data), time.time()))
-        tmp = path.parent / f".{unit}.{os.getpid()}.{threading.get_ident()}.tmp"
-        try:
-            os.close(directio.create(str(tmp), data, exclusive=False))  # past the page cache
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+                           (unit, size, time.time()))
+        put(path)
         with self._lock:
-            self._since_check += len(data)
+            self._since_check += size
             check = self._since_check >= max(1, min(self.limit // 16, 64 << 20))
             if check:
                 self._since_check = 0
@@ -826,21 +839,36 @@ class WholeFile:
                 self._remove()
 
     def _remove(self) -> None:
-        """Drop the temp file, keeping first, as unit files, the chunks only it holds."""
+        """Drop the temp file, keeping first, as unit files, the chunks only it holds. The
+        first chunk (a reader that read a file's start and stopped: a header, `head`)
+        becomes its unit by cutting the temp file to it and renaming it, not by reading
+        it back and writing it again."""
         self.cache._forget_builder(self)
         with self._lock:
             kept = sorted(self.taken - self.missing)
             self.taken.clear()
-        for idx in kept:
-            unit, offset = self.ids[idx], idx * self.chunk_size
-            size = min(self.chunk_size, self.size - offset)
+        for idx in kept[1:] if kept[:1] == [0] else kept:
+            self._keep_unit(idx)
+        if kept[:1] == [0]:
             try:
-                data = read_verified(self.tmp, unit, size, offset)
-                if data is not None:
-                    self.cache.store(unit, data)
+                self.cache.adopt(self.ids[0], self.tmp, min(self.chunk_size, self.size))
+                return
             except OSError as e:
-                log.warning("could not keep chunk %s in the cache: %s", unit, e)
+                log.debug("whole copy of %s: first chunk not adopted in place: %s",
+                          self.key, e)
+                self._keep_unit(0)
         try:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
+
+    def _keep_unit(self, idx: int) -> None:
+        """Store chunk `idx` as a unit file, read back from the temp file and verified."""
+        unit, offset = self.ids[idx], idx * self.chunk_size
+        size = min(self.chunk_size, self.size - offset)
+        try:
+            data = read_verified(self.tmp, unit, size, offset)
+            if data is not None:
+                self.cache.store(unit, data)
+        except OSError as e:
+            log.warning("could not keep chunk %s in the cache: %s", unit, e)

@@ -520,6 +520,35 @@ def test_a_file_read_to_its_end_is_kept_whole_and_read_from_there(repo_url, tmp_
     assert m.fs.read_path("big") == data
 
 
+def test_a_file_read_only_at_its_start_keeps_its_first_chunk_without_a_copy(
+        repo_url, tmp_path, mounted, monkeypatch):
+    # `head`, a header read: the whole copy begun for it becomes the first chunk's unit
+    import strata.storage.cache as cache_mod
+    data = os.urandom(CHUNK * 4)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    read_back = []
+    real = cache_mod.read_verified
+    monkeypatch.setattr(cache_mod, "read_verified",
+                        lambda path, unit, *a: read_back.append(unit) or real(path, unit, *a))
+    fh = m.fs.open("big", os.O_RDONLY)
+    assert m.fs.read(fh, 0, 4096) == data[:4096]
+    m.cache.flush()      # the chunk is on disk: in the whole copy begun for the reader
+    assert not any(m.cache.path_of(c).exists() for c in m.view.lookup("big").entry.chunk_ids)
+    m.fs.release(fh)     # which it abandons
+    first = m.view.lookup("big").entry.chunk_ids[0]
+    wait_until(lambda: m.cache.path_of(first).exists(), "the first chunk kept as a unit")
+    m.cache.flush()
+    wait_until(lambda: not list(m.cache.files.rglob(".*")), "no temp file left")
+    assert m.cache.path_of(first).read_bytes() == data[:CHUNK]
+    assert m.cache.contains(first) and first not in read_back   # renamed, not copied
+    m.counting.reset()
+    fh = m.fs.open("big", os.O_RDONLY)
+    assert m.fs.read(fh, 100, 1000) == data[100:1100]
+    m.fs.release(fh)
+    assert m.counting.calls["read"] == 0
+
+
 def test_a_whole_copy_is_verified_chunk_by_chunk(repo_url, tmp_path, mounted):
     # chunks already cached are read back and checked before they join a whole copy
     data = os.urandom(CHUNK * 3)
