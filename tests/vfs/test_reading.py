@@ -263,9 +263,12 @@ def test_workers_taking_every_nth_small_file_share_the_windows(tmp_path, mounted
     errors = []
 
     def worker(k: int) -> None:
-        for name in names[k::4]:
-            if m.fs.read_path(name) != files[name]:
-                errors.append(name)
+        try:
+            for name in names[k::4]:
+                if m.fs.read_path(name) != files[name]:
+                    errors.append(name)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(e))
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
     for t in threads:
