@@ -74,6 +74,8 @@ def test_random_reads_from_16_threads_match_and_fetch_each_chunk_once(repo_url, 
                 size = rnd.randrange(1, 200_000)
                 if m.fs.read(fh, off, size) != data[off:off + size]:
                     errors.append((off, size))
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(e))
         finally:
             m.fs.release(fh)
 
