@@ -28,7 +28,7 @@ from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, Sour
 from strata.catalog.merge import MergedView, Scope, ancestry, merge_parents, merged
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, bump_patch, check_label, highest
-from strata.catalog.repo import Repository
+from strata.catalog.repo import Repository, _repos, open_repo  # noqa: F401  (re-exported)
 from strata.storage.errors import PreconditionFailed
 
 HASH_WORKERS = max(2, os.cpu_count() or 2)   # hashing is CPU-bound: one per core
@@ -38,18 +38,6 @@ HASH_WORKERS = max(2, os.cpu_count() or 2)   # hashing is CPU-bound: one per cor
 # threads only contend (100k tiny files: 4.6 s with two, 5.6-6.9 s with four).
 STORE_WORKERS = 2 * HASH_WORKERS
 
-
-_repos: dict[str, Repository] = {}
-
-
-def open_repo(repo: str | Repository | None = None, *, create: bool = False) -> Repository:
-    if isinstance(repo, Repository):
-        return repo
-    url = config.load(repo).repo
-    key = f"{url}|{config.load(repo).cache_dir}"
-    if key not in _repos:
-        _repos[key] = Repository.open(url, create=create)
-    return _repos[key]
 
 
 class Dataset:

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Callable
 
 from strata.catalog import config
-from strata.catalog.dataset import open_repo
+from strata.catalog.repo import open_repo
 from strata.storage.cache import UnitCache
 from strata.storage.errors import StrataError
 from strata.vfs.core import Filesystem
