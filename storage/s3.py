@@ -25,8 +25,8 @@ sends with, fetches it. A ranged GET of 64 KiB from a local S3 server takes 1.2-
 CPU through botocore and 0.46 ms this way (2.0-2.2 ms and 1.2-1.3 ms from request to
 bytes); a reader of small files makes one per file, a mount reading 1 GiB 128 (8 MiB each:
 0.5 against 0.65 CPU-s per GiB). Where the environment sets a proxy, every call goes
-through botocore. A redirect (a bucket in another region) is left to botocore,
-which follows it.
+through botocore; so do S3 Express directory buckets (`...--x-s3`, signed with session
+credentials) and a bucket that redirected once (another region: botocore follows it).
 
 One client per AWS environment, shared by all backends and threads (boto3 clients are
 thread-safe). The client makes exactly one attempt per call: `strata.storage.retry` owns
@@ -202,8 +202,8 @@ class DirectGets:
         return base + quote(key, safe="/~")
 
     def get(self, bucket: str, key: str, byte_range: str | None) -> tuple[bytes, bool] | None:
-        if bucket in self._elsewhere:
-            return None
+        if bucket in self._elsewhere or bucket.endswith(_EXPRESS_SUFFIX):
+            return None   # S3 Express buckets sign with session credentials: botocore's
         request = self._request("GET", self.url(bucket, key),
                                 headers={"Range": byte_range} if byte_range else {})
         credentials = self._session.get_credentials()
@@ -242,6 +242,7 @@ class DirectGets:
 
 
 _PROBE = "strata-url-probe"   # a key botocore leaves as it is in a URL
+_EXPRESS_SUFFIX = "--x-s3"     # directory buckets (S3 Express One Zone)
 
 
 def _as_botocore(exc: Exception, url: str) -> Exception:

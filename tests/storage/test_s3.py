@@ -391,6 +391,18 @@ def test_a_redirect_is_left_to_botocore(monkeypatch) -> None:
         server.close()
 
 
+def test_express_buckets_are_left_to_botocore(monkeypatch) -> None:
+    seen = []
+    server = _OddServer(lambda h: seen.append(h.path) or _send(h, 500, b""))
+    try:
+        apply_s3_env(monkeypatch, {"AWS_ENDPOINT_URL": server.endpoint, **CREDENTIALS})
+        storage = open_storage("s3://data--use1-az4--x-s3/repo", retry=False)
+        assert storage._direct.get("data--use1-az4--x-s3", "repo/k", None) is None
+        assert seen == []   # not a request: botocore signs these with session credentials
+    finally:
+        server.close()
+
+
 class _FakeBody(dict):
     def __init__(self, data: bytes):
         import io
