@@ -340,6 +340,7 @@ def test_loader_processes_taking_every_nth_file_share_pack_windows(s3_server, mo
         gets = proxy.requests - before
         assert seen == {p.split("/")[1]: hashlib.sha256(d).hexdigest() for p, d in files.items()}
         # one GET per file without pack windows (800); 469 when only files at most 64 KiB
-        # apart counted as in a row; 30-76 here, up to 128 with both cores busy
-        assert gets <= 250, gets
+        # apart counted as in a row; 27-33 here, both cores busy or not (30-128 when a
+        # pack kept 3 windows, so that lagging workers missed theirs)
+        assert gets <= 100, gets
         mounts.unmount(mnt)

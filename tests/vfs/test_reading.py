@@ -279,9 +279,9 @@ def test_workers_taking_every_nth_small_file_share_the_windows(tmp_path, mounted
         t.join()
     assert not errors
     total = sum(len(v) for v in files.values())
-    # one GET per file without windows; with them, a few per window (a worker's file
-    # behind where a window starts is fetched by itself)
-    assert m.counting.calls["read_range"] <= len(files) // 4, m.counting.calls["read_range"]
+    # one GET per file without windows (1200), 577 when only files at most 64 KiB apart
+    # counted as in a row; a few per window here (23-28, both cores busy or not)
+    assert m.counting.calls["read_range"] <= 100, m.counting.calls["read_range"]
     assert m.counting.bytes_read <= 1.3 * total
 
 
