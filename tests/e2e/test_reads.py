@@ -1,10 +1,13 @@
 """Reading file bytes through real mounts: concurrent random readers, two mounts sharing one
-cache, a corrupted blob, and eviction under a small cache limit."""
+cache, a corrupted blob, eviction under a small cache limit, and small files from S3
+read in windows of their packs (requests counted)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import json
 import mmap
 import os
@@ -12,6 +15,7 @@ import random
 import time
 import subprocess
 import sys
+import tarfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,9 +23,12 @@ from pathlib import Path
 import pytest
 
 from strata.catalog.dataset import Dataset
+from strata.catalog.repo import Repository
 from strata.storage.cache import whole_key
-from tests.e2e.conftest import (CHUNK, READY, cache_dir, cached_units, index_rows, snapshot,
-                                strata, wait_for)
+from tests.conftest import apply_s3_env
+from tests.e2e.conftest import (CHUNK, READY, Builder, cache_dir, cached_units, index_rows,
+                                snapshot, strata, wait_for)
+from tests.storage.emulators import FlakyProxy
 
 
 def entry(repo_url, version_id, path):
@@ -264,29 +271,33 @@ def test_a_cached_file_is_handed_to_the_kernel(build, mounts):
     assert (mnt / "big.bin").read_bytes() == big
 
 
+@contextlib.contextmanager
+def counted_s3_mount(s3_server, monkeypatch, mounts, tmp_path, files: dict[str, bytes],
+                     pack_size: int):
+    """A version of `files` in a fresh repository on moto, mounted; moto is reached
+    through a proxy that counts the requests (and fails none). Yields (mountpoint,
+    proxy)."""
+    with FlakyProxy(s3_server.endpoint_url) as proxy:
+        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
+        url = f"s3://{s3_server.make_bucket()}/repo"
+        Repository.open(url, create=True, chunk_size=CHUNK, pack_size=pack_size)
+        vid = Builder(url, tmp_path).version(files)
+        mnt = mounts.folder()
+        mounts.start(vid, url)
+        yield mnt, proxy
+        mounts.unmount(mnt)
+
+
 def test_tar_of_small_files_from_s3_reads_their_packs_in_windows(s3_server, monkeypatch,
                                                                   mounts, tmp_path):
     """`tar --sort=name` of 600 small files through a mount of an S3 repository: the
     bytes are the files', and the GETs that reach the store are a few per pack, not one
     per file (counted by a proxy in front of moto)."""
-    import io
-    import tarfile
-
-    from strata.catalog.repo import Repository
-    from tests.conftest import apply_s3_env
-    from tests.e2e.conftest import Builder
-    from tests.storage.emulators import FlakyProxy
-
-    with FlakyProxy(s3_server.endpoint_url) as proxy:   # no failures: it only counts
-        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
-        url = f"s3://{s3_server.make_bucket()}/repo"
-        Repository.open(url, create=True, chunk_size=CHUNK, pack_size=4 << 20)
-        rnd = random.Random(12)
-        files = {f"imgs/{i // 100:02}/{i:04}.jpg": rnd.randbytes(rnd.randrange(2000, 9000))
-                 for i in range(600)}
-        vid = Builder(url, tmp_path).version(files)
-        mnt = mounts.folder()
-        mounts.start(vid, url)
+    rnd = random.Random(12)
+    files = {f"imgs/{i // 100:02}/{i:04}.jpg": rnd.randbytes(rnd.randrange(2000, 9000))
+             for i in range(600)}
+    with counted_s3_mount(s3_server, monkeypatch, mounts, tmp_path, files,
+                          4 << 20) as (mnt, proxy):
         assert sorted(os.listdir(mnt / "imgs")) == [f"{i:02}" for i in range(6)]
         before = proxy.requests
         out = subprocess.run(["tar", "--sort=name", "-cf", "-", "-C", str(mnt), "imgs"],
@@ -298,7 +309,6 @@ def test_tar_of_small_files_from_s3_reads_their_packs_in_windows(s3_server, monk
         # manifest lookups of the six folders aside, windows of 512 KiB and more: without
         # them, one GET per file (600)
         assert gets <= 40, gets
-        mounts.unmount(mnt)
 
 
 def test_loader_processes_taking_every_nth_file_share_pack_windows(s3_server, monkeypatch,
@@ -306,21 +316,11 @@ def test_loader_processes_taking_every_nth_file_share_pack_windows(s3_server, mo
     """Four processes, each reading every 4th of 800 small files through a mount of an
     S3 repository (a data loader's workers): every file's bytes, and far fewer GETs
     than files reach the store."""
-    from strata.catalog.repo import Repository
-    from tests.conftest import apply_s3_env
-    from tests.e2e.conftest import Builder
-    from tests.storage.emulators import FlakyProxy
-
-    with FlakyProxy(s3_server.endpoint_url) as proxy:   # no failures: it only counts
-        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
-        url = f"s3://{s3_server.make_bucket()}/repo"
-        Repository.open(url, create=True, chunk_size=CHUNK, pack_size=8 << 20)
-        rnd = random.Random(13)
-        files = {f"train/{i:04}.jpg": rnd.randbytes(rnd.randrange(30_000, 50_000))
-                 for i in range(800)}
-        vid = Builder(url, tmp_path).version(files)
-        mnt = mounts.folder()
-        mounts.start(vid, url)
+    rnd = random.Random(13)
+    files = {f"train/{i:04}.jpg": rnd.randbytes(rnd.randrange(30_000, 50_000))
+             for i in range(800)}
+    with counted_s3_mount(s3_server, monkeypatch, mounts, tmp_path, files,
+                          8 << 20) as (mnt, proxy):
         assert len(os.listdir(mnt / "train")) == 800
         before = proxy.requests
         loader = (
@@ -343,4 +343,3 @@ def test_loader_processes_taking_every_nth_file_share_pack_windows(s3_server, mo
         # apart counted as in a row; 27-33 here, both cores busy or not (30-128 when a
         # pack kept 3 windows, so that lagging workers missed theirs)
         assert gets <= 100, gets
-        mounts.unmount(mnt)
