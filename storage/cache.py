@@ -847,9 +847,10 @@ class WholeFile:
         with self._lock:
             kept = sorted(self.taken - self.missing)
             self.taken.clear()
-        for idx in kept[1:] if kept[:1] == [0] else kept:
+        first = kept[:1] == [0]
+        for idx in kept[1:] if first else kept:
             self._keep_unit(idx)
-        if kept[:1] == [0]:
+        if first:
             try:
                 self.cache.adopt(self.ids[0], self.tmp, min(self.chunk_size, self.size))
                 return

@@ -257,8 +257,7 @@ class Reader:
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
         self._max_pending = workers * 2
-        self.windows = PackWindows(lambda pack, offset, size: repo.read_blob(pack, offset, size),
-                                   self._pool.submit)
+        self.windows = PackWindows(repo.read_blob, self._pool.submit)
 
     def read(self, entry: Entry, offset: int, size: int, stream: Stream | None = None) -> bytes:
         if offset >= entry.size or size <= 0:
