@@ -50,6 +50,7 @@ log = logging.getLogger("strata.cache")
 
 WHOLE = "file-"             # index id prefix of whole files
 TOUCH_INTERVAL = 30.0      # seconds between access-time updates of one unit in the index
+PASSED_KEEP = 32 << 20     # bytes of units a sequential reader went past kept in memory
 EVICT_BATCH = 256
 T = TypeVar("T")
 
@@ -204,7 +205,7 @@ class UnitFiles:
 
 
 class UnitCache:
-    def __init__(self, root: str | os.PathLike, limit: int):
+    def __init__(self, root: str | os.PathLike, limit: int, *, passed_keep: int = PASSED_KEEP):
         self.root = Path(root)
         self.units = self.root / "units"
         self._units = str(self.units)
@@ -227,6 +228,10 @@ class UnitCache:
         self._hot: OrderedDict[str, bytes] = OrderedDict()
         self._hot_bytes = 0
         self._hot_limit = max(16 << 20, min(self.limit // 8, 256 << 20))
+        # hot units a sequential reader went past (`passed`), in that order: dropped first
+        self._passed: OrderedDict[str, int] = OrderedDict()
+        self._passed_bytes = 0
+        self._passed_keep = passed_keep
         self._writing: set[str] = set()
         self._writer = ThreadPoolExecutor(2, thread_name_prefix="strata-cache-writer")
         self._since_check = 0
@@ -389,6 +394,11 @@ class UnitCache:
                 del self._pins[unit]
 
     # ---- fetching: one download per unit, verified, handed out from memory ------------
+    def in_memory(self) -> list[str]:
+        """The units whose bytes are in memory, the next to leave first."""
+        with self._lock:
+            return list(dict.fromkeys([*self._passed, *self._hot]))
+
     def _hot_get(self, unit: str) -> bytes | None:
         with self._lock:
             data = self._hot.get(unit)
@@ -400,12 +410,43 @@ class UnitCache:
         with self._lock:
             self._hot[unit] = data
             self._hot_bytes += len(data)
-            for old in list(self._hot):
+            # units readers went past leave first, then the least recently used
+            for old in [*self._passed, *self._hot]:
                 if self._hot_bytes <= self._hot_limit:
                     break
-                if old == unit or old in self._writing:
-                    continue   # still on its way to disk: keep it servable
-                self._hot_bytes -= len(self._hot.pop(old))
+                if old != unit and old not in self._writing:   # (on its way to disk:
+                    self._hot_drop(old)                        # kept servable)
+
+    def passed(self, unit: str) -> None:
+        """A sequential reader went past this unit: the kernel keeps the pages it read,
+        so its bytes need not stay in memory. The last `passed_keep` bytes of such units
+        stay (a second reader just behind the first finds them there); older ones leave
+        once they are on disk, and before any other unit when memory is short: a least
+        recently used order would drop the units fetched ahead of the reader first."""
+        with self._lock:
+            data = self._hot.get(unit)
+            if data is None or unit in self._passed:
+                return
+            self._passed[unit] = len(data)
+            self._passed_bytes += len(data)
+            self._shed_passed()
+
+    def _shed_passed(self) -> None:
+        """Under `_lock`: drop passed units beyond `passed_keep` bytes, oldest first."""
+        for old in list(self._passed):
+            if self._passed_bytes <= self._passed_keep:
+                break
+            if old not in self._writing:
+                self._hot_drop(old)
+
+    def _hot_drop(self, unit: str) -> None:
+        """Under `_lock`: forget a unit's bytes in memory."""
+        data = self._hot.pop(unit, None)
+        if data is not None:
+            self._hot_bytes -= len(data)
+        size = self._passed.pop(unit, None)
+        if size is not None:
+            self._passed_bytes -= size
 
     def _fetch_once(self, unit: str, fetch: Callable[[], bytes], what: str) -> bytes:
         with self._lock:
@@ -469,6 +510,8 @@ class UnitCache:
                 self._writing.discard(unit)
                 drop = unit in self._superseded
                 self._superseded.discard(unit)
+                if unit in self._passed:
+                    self._shed_passed()
             if drop:
                 self.discard({unit})
 
@@ -604,6 +647,8 @@ class UnitCache:
         builder.installed = True     # its readers go on from the whole file
         self._forget_builder(builder)
         self.discard(set(builder.ids))
+        for unit in builder.ids:     # nor need its chunks stay in memory
+            self.passed(unit)
         with self._lock:
             self._since_check += builder.size
         self.evict()
@@ -668,9 +713,7 @@ class UnitCache:
                         skip.add(unit)
                         continue
                 with self._lock:
-                    data = self._hot.pop(unit, None)
-                    if data is not None:
-                        self._hot_bytes -= len(data)
+                    self._hot_drop(unit)
                 self._unlink(db, unit)
                 freed += size
                 with self._lock:

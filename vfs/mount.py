@@ -171,7 +171,7 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
         log.info("unmounted %s", mountpoint)
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # <malloc.h>
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8   # <malloc.h>
 
 
 def _keep_freed_memory() -> None:
@@ -180,8 +180,10 @@ def _keep_freed_memory() -> None:
     next download faults in and zeroes fresh pages: 15% of the mount's CPU during a cold
     S3 read (perf), 3.3 -> 2.4 CPU seconds per GiB with this. Retained memory is
     bounded by the readahead window and the in-memory hot map, as before; the trim
-    threshold still returns a larger surplus. Only the mount server does this (it runs in
-    a process of its own)."""
+    threshold still returns a larger surplus. Two arenas instead of glibc's eight per
+    core: each thread's arena keeps what it freed, so a dozen download threads each held
+    their own free chunks (peak RSS of a cold 1 GiB read 330-410 -> 280-300 MB, rate
+    unchanged). Only the mount server does this (it runs in a process of its own)."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
@@ -189,6 +191,7 @@ def _keep_freed_memory() -> None:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     mallopt(_M_MMAP_THRESHOLD, 32 << 20)    # glibc's maximum; chunks come from the heap
     mallopt(_M_TRIM_THRESHOLD, 256 << 20)
+    mallopt(_M_ARENA_MAX, 2)
 
 
 def _signal_ready(fd: int) -> None:

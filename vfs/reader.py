@@ -55,6 +55,7 @@ class Stream:
     next_offset: int = 0
     window: int = 0
     ahead_until: int = 0     # chunk index up to which prefetches were scheduled
+    passed: int = 0          # chunks before this index were reported passed to the cache
     lock: threading.Lock = field(default_factory=threading.Lock)
     files: UnitFiles = field(default_factory=UnitFiles)
     looked: bool = False              # whether the cache was asked for a whole file
@@ -271,6 +272,7 @@ class Reader:
             return bytes(self.read_view(entry, offset, memoryview(bytearray(size)), stream))
         if stream is not None:
             self._readahead(entry, offset, size, stream)
+            self._pass(entry, offset, stream)
         parts = []
         end = offset + size
         chunks = entry.chunks
@@ -302,6 +304,7 @@ class Reader:
                 if n is not None:
                     return buf[:n]
             self._readahead(entry, offset, size, stream)
+            self._pass(entry, offset, stream)
         files = None if stream is None else stream.files
         done = 0
         chunks = entry.chunks
@@ -433,6 +436,16 @@ class Reader:
                     continue
                 self._scheduled.add(cid)
             self._pool.submit(self._prefetch, cid, entry.path)
+
+    def _pass(self, entry: Entry, offset: int, s: Stream) -> None:
+        """A sequential reader a quarter into chunk i is past chunk i-1 (requests of the
+        kernel's readahead arrive slightly out of order, never that far): the cache may
+        drop that chunk from memory (`UnitCache.passed`)."""
+        idx, within = divmod(offset, self.chunk_size)
+        if not s.window or idx <= s.passed or within < self.chunk_size // 4:
+            return
+        s.passed = idx
+        self.cache.passed(entry.chunks[idx * 32 - 32:idx * 32].hex())
 
     def _prefetch(self, cid: str, path: str) -> None:
         try:

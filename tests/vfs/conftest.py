@@ -21,11 +21,12 @@ def repo_url(tmp_path):
 class Mounted:
     """A version opened through the filesystem core, with a storage call counter."""
 
-    def __init__(self, repo_url, version_id, cache_dir, limit=1 << 30, wrap=None):
+    def __init__(self, repo_url, version_id, cache_dir, limit=1 << 30, wrap=None,
+                 **cache_options):
         self.repo = Repository.open(repo_url, cache_dir=cache_dir)
         self.counting = CountingStorage(self.repo.storage)
         self.repo.storage = wrap(self.counting) if wrap else self.counting
-        self.cache = UnitCache(cache_dir, limit)
+        self.cache = UnitCache(cache_dir, limit, **cache_options)
         self.reader = Reader(self.repo, self.cache)
         self.view = VersionView(self.repo, version_id, self.reader)
         self.fs = Filesystem(self.view)
@@ -56,8 +57,8 @@ class Mounted:
 def mounted(tmp_path):
     opened = []
 
-    def open_(repo_url, version_id, limit=1 << 30, wrap=None, cache="cache"):
-        m = Mounted(repo_url, version_id, tmp_path / cache, limit, wrap)
+    def open_(repo_url, version_id, limit=1 << 30, wrap=None, cache="cache", **cache_options):
+        m = Mounted(repo_url, version_id, tmp_path / cache, limit, wrap, **cache_options)
         opened.append(m)
         return m
 

@@ -297,6 +297,50 @@ def test_sequential_reads_trigger_readahead(repo_url, tmp_path, mounted):
     m.fs.release(fh)
 
 
+def test_a_sequential_reader_leaves_the_chunks_behind_it_out_of_memory(repo_url, tmp_path,
+                                                                      mounted):
+    data = os.urandom(CHUNK * 40)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id, passed_keep=2 * CHUNK)
+    ids = m.view.lookup("big").entry.chunk_ids
+    fh = m.fs.open("big", os.O_RDONLY)
+    step = CHUNK // 8
+    for off in range(0, len(data), step):
+        assert m.fs.read(fh, off, step) == data[off:off + step]
+        if off % CHUNK == CHUNK // 2:
+            m.cache.flush()
+            kept = m.cache.in_memory()
+            idx = off // CHUNK
+            # behind the reader: at most the last two chunks it went past (all of them
+            # before: memory went to the chunks behind, up to the limit)
+            assert not set(kept) & set(ids[:max(0, idx - 2)]), (idx, kept)
+    m.fs.release(fh)
+    # the whole copy serves every chunk now: only the last two stay in memory
+    assert m.reader.local_file(m.view.lookup("big").entry) is not None
+    assert set(m.cache.in_memory()) <= set(ids[-2:])
+
+
+def test_units_a_reader_went_past_leave_memory_first(tmp_path):
+    from strata.storage.cache import UnitCache
+    cache = UnitCache(tmp_path / "c", limit=1 << 30, passed_keep=2 * 1000)
+    cache._hot_limit = 4 * 1000
+    blobs = [os.urandom(1000) for _ in range(6)]
+    units = [hashlib.sha256(b).hexdigest() for b in blobs]
+    for unit, blob in zip(units[:4], blobs):
+        cache.read(unit, 0, 10, lambda blob=blob: blob)
+    cache.flush()
+    cache.passed(units[0])
+    cache.passed(units[1])
+    assert cache.in_memory() == units[:4]         # two passed, within what is kept
+    cache.passed(units[2])                        # three: the oldest leaves
+    assert cache.in_memory() == units[1:4]
+    for unit, blob in zip(units[4:], blobs[4:]):  # memory short: passed ones go first
+        cache.read(unit, 0, 10, lambda blob=blob: blob)
+    assert cache.in_memory() == units[2:]
+    assert cache.read(units[0], 0, 1000, lambda: pytest.fail("fetched again")) == blobs[0]
+    cache.close()
+
+
 def test_a_first_read_fetches_only_its_own_chunk(repo_url, tmp_path, mounted):
     # time to first byte: no prefetch shares the disk with the chunk being waited for
     data, m, fh = open_big(repo_url, tmp_path, mounted)
