@@ -20,7 +20,8 @@ out and written (temp file + rename). Bad bytes are never stored or returned.
 Concurrency model: `read` may be called from many threads. One fetch per unit at a time
 (singleflight): the first caller downloads, the others wait on its future, which carries
 the verified bytes; the disk write happens afterwards on a small writer pool, and until
-it lands the unit is served from a bounded in-memory map (`_hot`). Units being
+it lands the unit is served from a bounded in-memory map (`_hot`; units a sequential
+reader went past leave it first, `passed`). Units being
 fetched are pinned (a per-unit counter) and never evicted by this process. Readers read
 unit files through descriptors (kept open per stream by `UnitFiles`); an eviction, here
 or in another process, may unlink a unit someone holds open, which Linux allows without

@@ -9,9 +9,12 @@ window). A read that starts near where the previous one ended grows the window (
 4, ... up to `max_window` chunks) and schedules the chunks ahead on a bounded thread
 pool: chunks not cached are fetched, chunks already cached are handed to the kernel's
 readahead (`UnitCache.ensure`), so a warm sequential reader finds them in memory. A
-random read resets it, so random readers fetch only what they touch. The stream also
-keeps the descriptors of the units it is reading open (`UnitFiles`), closed by `close`
-when the handle is released.
+random read resets it, so random readers fetch only what they touch. A sequential
+reader a quarter into chunk i reports chunk i-1 as passed (`UnitCache.passed`): the
+kernel keeps the pages it read, so the cache lets that chunk leave memory before the
+ones fetched ahead (a cold 1 GiB read peaked at 570 MB of RSS without it, 270 with).
+The stream also keeps the descriptors of the units it is reading open (`UnitFiles`),
+closed by `close` when the handle is released.
 
 Readahead across small files (`PackWindows`): small files are stored in path order in
 packs, so a reader going through a folder (`cp -r`, `tar`, a data loader over a sorted
