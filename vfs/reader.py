@@ -275,7 +275,6 @@ class Reader:
             return bytes(self.read_view(entry, offset, memoryview(bytearray(size)), stream))
         if stream is not None:
             self._readahead(entry, offset, size, stream)
-            self._pass(entry, offset, stream)
         parts = []
         end = offset + size
         chunks = entry.chunks
