@@ -168,7 +168,10 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
         reader.close()
         cache.close()
         unregister(mountpoint)
-        log.info("unmounted %s", mountpoint)
+        st = cache.stats
+        log.info("unmounted %s (cache: %d hits, %d fetches of %.1f MB, %d corrupt, %d "
+                 "evicted, readahead held for the disk %d times)", mountpoint, st.hits,
+                 st.fetches, st.bytes_fetched / 1e6, st.corrupt, st.evicted, st.throttled)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8   # <malloc.h>

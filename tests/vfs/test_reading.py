@@ -341,6 +341,37 @@ def test_units_a_reader_went_past_leave_memory_first(tmp_path):
     cache.close()
 
 
+def test_readahead_waits_while_disk_writes_fall_behind_and_reads_do_not(tmp_path):
+    from strata.storage.cache import UnitCache
+    cache = UnitCache(tmp_path / "c", 1 << 30, write_backlog=2 * 1000)
+    disk = threading.Event()
+    store = cache.store
+    cache.store = lambda unit, data: (disk.wait(10), store(unit, data))   # a stuck disk
+    blobs = [os.urandom(1000) for _ in range(8)]
+    units = [hashlib.sha256(b).hexdigest() for b in blobs]
+    fetched = []
+
+    def readahead():
+        for unit, blob in zip(units, blobs):
+            cache.ensure(unit, lambda blob=blob: fetched.append(blob) or blob)
+
+    ahead = threading.Thread(target=readahead)
+    ahead.start()
+    try:
+        wait_until(lambda: cache.stats.throttled == 1, "readahead held for the disk")
+        assert len(fetched) == 3   # 3000 bytes waiting for the disk, more than 2000
+        mine = os.urandom(1000)    # a reader's own fetch goes on
+        assert cache.read(hashlib.sha256(mine).hexdigest(), 0, 1000, lambda: mine) == mine
+        assert len(fetched) == 3
+    finally:
+        disk.set()
+        ahead.join(10)
+    assert not ahead.is_alive() and fetched == blobs
+    cache.flush()
+    assert all(cache.contains(unit) for unit in units)
+    cache.close()
+
+
 def test_a_first_read_fetches_only_its_own_chunk(repo_url, tmp_path, mounted):
     # time to first byte: no prefetch shares the disk with the chunk being waited for
     data, m, fh = open_big(repo_url, tmp_path, mounted)
