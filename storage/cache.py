@@ -4,14 +4,17 @@ bytes) shared by every mount and command of a user (DESIGN.md, "The mount").
     units/<aa>/<sha256>     one file per unit, named by the sha256 of its bytes
     files/<aa>/<key>        whole files: a multi-chunk file read from start to end, its
                             chunks assembled in place (key: the sha256 of its chunk list)
-    index.db                SQLite (WAL): unit -> size, last access; shared by processes
+    index.db                SQLite (WAL): unit -> size, last access; chunk -> the whole
+                            file holding it and where (`parts`); shared by processes
 
 A whole file is what lets the mount hand a cached file to the kernel (FUSE passthrough:
 later reads never reach the mount process). It is built beside the chunk units while a
 reader goes through the file (`WholeFile`: every chunk verified, written at its offset
 into a temp file, renamed in once complete); the file's chunk units are then dropped,
-since the whole file serves their bytes. Its index row is `file-<key>`; eviction treats
-it as one unit.
+since the whole file serves their bytes: to any reader of those chunks, in any file or
+version that shares them (`parts` says where each chunk is; a chunk written into a whole
+copy still being built is read from its temp file). Its index row is `file-<key>`;
+eviction treats it as one unit, and drops its `parts` rows with it.
 
 A unit is fetched through a caller-supplied function (the cache knows nothing of
 backends), checked against its name, refetched once on a mismatch, and only then handed
@@ -93,18 +96,19 @@ class CacheStats:
     throttled: int = 0   # times readahead waited for the disk writes (`write_backlog`)
 
 
-def copy_range(src: int, dst: int, size: int, dst_offset: int) -> int:
-    """Copy the first `size` bytes of descriptor `src` into `dst` at `dst_offset`, inside
-    the kernel (copy_file_range) or through memory where it cannot (EXDEV, ENOSYS...).
-    Returns the bytes copied: fewer only if `src` is shorter."""
+def copy_range(src: int, dst: int, size: int, dst_offset: int, src_offset: int = 0) -> int:
+    """Copy `size` bytes of descriptor `src` from `src_offset` into `dst` at `dst_offset`,
+    inside the kernel (copy_file_range) or through memory where it cannot (EXDEV,
+    ENOSYS...). Returns the bytes copied: fewer only if `src` is shorter."""
     done = 0
     while done < size:
         try:
-            n = os.copy_file_range(src, dst, size - done, done, dst_offset + done)
+            n = os.copy_file_range(src, dst, size - done, src_offset + done,
+                                   dst_offset + done)
         except OSError:
             n = 0
         if n == 0:
-            data = os.pread(src, min(size - done, 8 << 20), done)
+            data = os.pread(src, min(size - done, 8 << 20), src_offset + done)
             if not data:
                 break
             n = os.pwrite(dst, data, dst_offset + done)
@@ -239,14 +243,20 @@ class UnitCache:
         self._writing: set[str] = set()
         self._backlog = 0   # bytes of the units in `_writing`
         self._backlog_limit = write_backlog
-        self._drained = threading.Condition(self._lock)   # the backlog went down
+        self._drained = threading.Condition(self._lock)   # the backlog or the jobs went down
         self._closing = False
         self._writer = ThreadPoolExecutor(2, thread_name_prefix="strata-cache-writer")
+        self._jobs = 0   # writer jobs submitted and not finished (`flush` waits for none)
         self._since_check = 0
         with self._db() as db:
             db.execute("CREATE TABLE IF NOT EXISTS units("
                        "id TEXT PRIMARY KEY, size INTEGER NOT NULL, atime REAL NOT NULL)")
             db.execute("CREATE INDEX IF NOT EXISTS units_atime ON units(atime)")
+            # chunks whose bytes a whole file holds (its own unit file dropped): where
+            db.execute("CREATE TABLE IF NOT EXISTS parts(unit TEXT NOT NULL, "
+                       "whole TEXT NOT NULL, offset INTEGER NOT NULL, "
+                       "size INTEGER NOT NULL, PRIMARY KEY (unit, whole))")
+            db.execute("CREATE INDEX IF NOT EXISTS parts_whole ON parts(whole)")
 
     # ---- SQLite, one connection per thread -------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -289,8 +299,10 @@ class UnitCache:
         """`size` bytes at `offset` of the unit named `unit`, fetching it if absent.
         A reader that passes its `files` keeps the unit's descriptor open for its next
         reads instead of opening the unit file per request."""
-        data, got = self._lookup(unit, files, lambda fd: os.pread(fd, size, offset),
-                                 fetch, what)
+        def op(fd: int, base: int, length: int | None) -> bytes:
+            n = size if length is None else max(0, min(size, length - offset))
+            return os.pread(fd, n, base + offset)
+        data, got = self._lookup(unit, files, op, fetch, what)
         return got if data is None else data[offset:offset + size]
 
     def read_view(self, unit: str, offset: int, buf: memoryview, fetch: Callable[[], bytes],
@@ -298,24 +310,43 @@ class UnitCache:
         """Up to len(buf) bytes at `offset` of the unit (fewer only where it ends): read
         from its file into `buf`, or, when the unit is in memory, a view of that memory
         itself (no copy: the FUSE reply is written from it)."""
-        data, n = self._lookup(unit, files, lambda fd: os.preadv(fd, [buf], offset),
-                               fetch, what)
+        def op(fd: int, base: int, length: int | None) -> int:
+            part = buf if length is None else buf[:max(0, length - offset)]
+            return os.preadv(fd, [part], base + offset)
+        data, n = self._lookup(unit, files, op, fetch, what)
         if data is None:
             return buf[:n]
         return memoryview(data)[offset:offset + len(buf)]
 
-    def _lookup(self, unit: str, files: UnitFiles | None, op: Callable[[int], T],
-                fetch: Callable[[], bytes], what: str) -> tuple[bytes | None, T | None]:
+    def _lookup(self, unit: str, files: UnitFiles | None,
+                op: Callable[[int, int, int | None], T], fetch: Callable[[], bytes],
+                what: str) -> tuple[bytes | None, T | None]:
         """The unit's bytes when they are in memory or had to be fetched: (data, None);
-        else `op(fd)` done on its file: (None, result)."""
+        else `op(fd, base, size)` done on the file that holds them: (None, result). A
+        unit file holds them from 0 (size None: the file's); a whole file holding the
+        unit as one of its chunks (`_part`) from `base`, `size` bytes."""
         data = self._hot_get(unit)
         if data is None:
-            path = self._file(unit)
-            got = files.use(unit, path, op) if files is not None else on_file(path, op)
+            def use(key: str, path: str, base: int, size: int | None) -> T | None:
+                if files is not None:
+                    return files.use(key, path, lambda fd: op(fd, base, size))
+                return on_file(path, lambda fd: op(fd, base, size))
+            got, touched = use(unit, self._file(unit), 0, None), unit
+            if got is None:
+                part = self._part(unit)
+                if part is not None:
+                    path, base, size, touched = part
+                    got = use(path, path, base, size)
+                    if got is None and touched is None:   # renamed in meanwhile
+                        part = self._part(unit, building=False)
+                        if part is not None:
+                            path, base, size, touched = part
+                            got = use(path, path, base, size)
             if got is not None:
                 with self._lock:
                     self.stats.hits += 1
-                self._touch(unit)
+                if touched is not None:
+                    self._touch(touched)
                 return None, got
             with self.pinned(unit):
                 data = self._fetch_once(unit, fetch, what)
@@ -323,6 +354,22 @@ class UnitCache:
             with self._lock:
                 self.stats.hits += 1
         return data, None
+
+    def _part(self, unit: str, building: bool = True) -> tuple[str, int, int, str | None] | None:
+        """(path, offset, size, index id) of a whole file that holds this chunk's bytes:
+        one being built in this process with the chunk written in (`WholeFile`; no index
+        id yet), or a complete one (`parts` in the index, written by any process). The
+        chunk's own unit file was dropped once the whole file was complete, or never
+        written: a chunk taken by a whole copy is written there only."""
+        with self._lock:
+            builders = list(self._builders.values()) if building else []
+        for builder in builders:
+            at = builder.written_at(unit)
+            if at is not None:
+                return builder.tmp, at[0], at[1], None
+        row = self._db().execute("SELECT whole, offset, size FROM parts WHERE unit=? "
+                                 "LIMIT 1", (unit,)).fetchone()
+        return None if row is None else (self._file(row[0]), row[1], row[2], row[0])
 
     def ensure(self, unit: str, fetch: Callable[[], bytes], what: str = "") -> None:
         """Make sure the unit is cached (used by readahead). A unit already on disk is
@@ -352,15 +399,13 @@ class UnitCache:
                 self._drained.wait()
 
     def _advise(self, unit: str) -> bool:
-        try:
-            fd = os.open(self._file(unit), os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
-        return True
+        def willneed(path: str, base: int, size: int) -> bool:
+            return on_file(path, lambda fd: os.posix_fadvise(
+                fd, base, size, os.POSIX_FADV_WILLNEED) or True) is not None
+        if willneed(self._file(unit), 0, 0):
+            return True
+        part = self._part(unit)
+        return part is not None and willneed(*part[:3])
 
     def copy_into(self, unit: str, size: int, dst: int, offset: int,
                   fetch: Callable[[], bytes], what: str = "") -> None:
@@ -384,21 +429,19 @@ class UnitCache:
             view = view[os.pwrite(dst, view, offset + len(data) - len(view)):]
 
     def _copy_file(self, unit: str, size: int, dst: int, offset: int) -> bool:
-        try:
-            src = os.open(self._file(unit), os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            # a short unit file is not this unit's bytes: the caller fetches them instead
-            return os.fstat(src).st_size == size and copy_range(src, dst, size, offset) == size
-        finally:
-            os.close(src)
+        # a short unit file is not this unit's bytes: the caller fetches them instead
+        if on_file(self._file(unit), lambda src: os.fstat(src).st_size == size
+                   and copy_range(src, dst, size, offset) == size):
+            return True
+        part = self._part(unit)
+        return part is not None and part[2] == size and on_file(
+            part[0], lambda src: copy_range(src, dst, size, offset, part[1]) == size) is True
 
     def contains(self, unit: str) -> bool:
         with self._lock:
             if unit in self._hot or unit in self._writing:
                 return True
-        return os.path.exists(self._file(unit))
+        return os.path.exists(self._file(unit)) or self._part(unit) is not None
 
     def pinned(self, unit: str) -> _Pin:
         """A context in which this process does not evict `unit`."""
@@ -497,7 +540,7 @@ class UnitCache:
                     self._hot_put(unit, data)
                     # readers are served from memory now; the disk copy follows
                     try:
-                        self._writer.submit(self._store_pending, unit, data)
+                        self._submit(self._store_pending, unit, data)
                     except RuntimeError:   # the cache is closing: served, not stored
                         self._written(unit, len(data))
             fut.set_result(data)
@@ -550,14 +593,30 @@ class UnitCache:
         if drop:
             self.discard({unit})
 
-    def flush(self) -> None:
-        """Wait until every fetched unit is on disk."""
-        self._writer.submit(lambda: None).result()
-        while True:
+    def _submit(self, job: Callable[..., None], *args) -> None:
+        """Run `job(*args)` on the writer pool (RuntimeError once it is shut down)."""
+        def run() -> None:
+            try:
+                job(*args)
+            finally:
+                with self._lock:
+                    self._jobs -= 1
+                    self._drained.notify_all()
+        with self._lock:
+            self._jobs += 1
+        try:
+            self._writer.submit(run)
+        except BaseException:
             with self._lock:
-                if not self._writing:
-                    return
-            self._writer.submit(lambda: None).result()
+                self._jobs -= 1
+            raise
+
+    def flush(self) -> None:
+        """Wait until every fetched unit is on disk and every writer job is over (whole
+        copies fed, completed and indexed, or abandoned)."""
+        with self._lock:
+            while self._writing or self._jobs:
+                self._drained.wait()
 
     def store(self, unit: str, data: bytes) -> None:
         """Write a verified unit (the caller has checked its hash)."""
@@ -634,7 +693,7 @@ class UnitCache:
         if other is not None:
             builder.abandon()
             return other
-        self._writer.submit(self._feed, builder)   # off the reader's first read
+        self._submit(self._feed, builder)   # off the reader's first read
         return builder
 
     def _feed(self, builder: WholeFile) -> None:
@@ -649,9 +708,9 @@ class UnitCache:
             if skip:
                 builder.unqueue(idx)
             elif data is not None:
-                self._writer.submit(builder.put, idx, data)
-            elif os.path.exists(self._file(unit)):
-                self._writer.submit(builder.copy_unit, idx, unit)
+                self._submit(builder.put, idx, data)
+            elif os.path.exists(self._file(unit)) or self._part(unit) is not None:
+                self._submit(builder.copy_unit, idx, unit)
             else:
                 builder.unqueue(idx)
         builder.settle()   # its readers may be gone already
@@ -676,8 +735,13 @@ class UnitCache:
         chunk units (the whole file serves their bytes from now on)."""
         unit = WHOLE + builder.key
         path = self._file(unit)
-        self._db().execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
-                           (unit, builder.size, time.time()))
+        db = self._db()
+        db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
+                   (unit, builder.size, time.time()))
+        cs = builder.chunk_size
+        db.executemany("INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?)",
+                       [(u, unit, i * cs, min(cs, builder.size - i * cs))
+                        for i, u in enumerate(builder.ids)])
         os.replace(builder.tmp, path)
         builder.installed = True     # its readers go on from the whole file
         self._forget_builder(builder)
@@ -707,6 +771,8 @@ class UnitCache:
         """Remove a unit's index row and its file (the row first: a crash leaves a file
         without a row, which `reconcile` indexes again)."""
         db.execute("DELETE FROM units WHERE id=?", (unit,))
+        if unit.startswith(WHOLE):
+            db.execute("DELETE FROM parts WHERE whole=?", (unit,))
         try:
             os.unlink(self._file(unit))
         except FileNotFoundError:
@@ -778,6 +844,7 @@ class UnitCache:
         dropped = [(u,) for u in known if u not in present]
         db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?)", added)
         db.executemany("DELETE FROM units WHERE id=?", dropped)
+        db.execute("DELETE FROM parts WHERE whole NOT IN (SELECT id FROM units)")
         return len(added), len(dropped)
 
     def close(self) -> None:
@@ -816,6 +883,9 @@ class WholeFile:
         self.taken: set[int] = set()   # chunks this file holds in place of unit files
         # chunks on their way from the cache itself (`UnitCache._feed`, `put`, `copy_unit`)
         self.queued: set[int] = set(range(len(ids)))
+        self._places: dict[str, list[int]] = {}   # chunk -> its indexes in the file
+        for idx, unit in enumerate(ids):
+            self._places.setdefault(unit, []).append(idx)
         self._lock = threading.Lock()
         folder = os.path.join(cache._files, key[:2])
         os.makedirs(folder, exist_ok=True)
@@ -833,6 +903,17 @@ class WholeFile:
         with self._lock:
             self.taken.discard(idx)
         return False
+
+    def written_at(self, unit: str) -> tuple[int, int] | None:
+        """(offset, size) of chunk `unit` in the temp file, if it is written there."""
+        with self._lock:
+            if self.state == "dropped" or self.installed:
+                return None
+            for idx in self._places.get(unit, ()):
+                if idx not in self.missing:
+                    offset = idx * self.chunk_size
+                    return offset, min(self.chunk_size, self.size - offset)
+        return None
 
     def unqueue(self, idx: int) -> None:
         with self._lock:
@@ -870,6 +951,9 @@ class WholeFile:
 
     def copy_unit(self, idx: int, unit: str) -> None:
         data = read_verified(self.cache._file(unit), unit, self.chunk_size)
+        part = None if data is not None else self.cache._part(unit)
+        if part is not None:   # another whole file holds it
+            data = read_verified(part[0], unit, part[2], part[1])
         if data is not None:
             self.put(idx, data)
         else:   # evicted meanwhile, or damaged: a reader's own fetch may still bring it
@@ -915,7 +999,7 @@ class WholeFile:
         self.cache._forget_builder(self)
         if cleanup:   # off the reader's thread: it may store chunks (`_remove`)
             try:
-                self.cache._writer.submit(self._remove)
+                self.cache._submit(self._remove)
             except RuntimeError:   # the cache is closing
                 self._remove()
 
