@@ -343,3 +343,35 @@ def test_loader_processes_taking_every_nth_file_share_pack_windows(s3_server, mo
         # apart counted as in a row; 27-33 here, both cores busy or not (30-128 when a
         # pack kept 3 windows, so that lagging workers missed theirs)
         assert gets <= 100, gets
+
+
+def test_a_child_version_that_appended_to_a_large_file_fetches_only_its_new_chunks(
+        s3_server, monkeypatch, mounts, tmp_path):
+    """A large file read with `cat` through a mount of its version is kept whole in the
+    cache; a version that appended to it, mounted afterwards on the same cache, gives
+    `cmp` exactly its bytes, and only its new chunks reach the store: the others are
+    read from the parent's whole copy (counted by a proxy in front of moto)."""
+    rnd = random.Random(14)
+    base = rnd.randbytes(CHUNK * 8)
+    grown = base + rnd.randbytes(CHUNK + 5)          # two new chunks
+    (tmp_path / "expected").write_bytes(grown)
+    with FlakyProxy(s3_server.endpoint_url) as proxy:
+        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
+        url = f"s3://{s3_server.make_bucket()}/repo"
+        Repository.open(url, create=True, chunk_size=CHUNK)
+        build = Builder(url, tmp_path)
+        parent = build.version({"data.bin": base})
+        child = build.version({"data.bin": grown}, parents=[parent])
+        a = mounts.folder("a")
+        mounts.start(parent, url, name="a")
+        subprocess.run(["cat", str(a / "data.bin")], stdout=subprocess.DEVNULL, check=True)
+        mounts.unmount(a)            # its whole copy is complete by then
+        b = mounts.folder("b")
+        mounts.start(child, url, name="b")
+        os.stat(b / "data.bin")
+        before = proxy.requests
+        subprocess.run(["cmp", str(b / "data.bin"), str(tmp_path / "expected")], check=True)
+        gets = proxy.requests - before
+        mounts.unmount(b)
+    # the two new chunks: all ten without the parent's whole copy serving the others
+    assert gets == 2, gets
