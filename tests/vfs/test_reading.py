@@ -320,6 +320,22 @@ def test_a_sequential_reader_leaves_the_chunks_behind_it_out_of_memory(repo_url,
     assert len(m.cache.in_memory()) <= 2
 
 
+def test_files_read_to_their_end_leave_memory(repo_url, tmp_path, mounted):
+    files = {f"s/{i:03}": os.urandom(3000) for i in range(50)}
+    files["one"] = os.urandom(CHUNK - 7)        # a one-chunk file
+    ds = make(repo_url, tmp_path, files)
+    m = mounted(repo_url, ds.id, passed_keep=2 * 3000)
+    for name, data in sorted(files.items()):
+        fh = m.fs.open(name, os.O_RDONLY)
+        assert m.fs.read(fh, 0, 5000) == data[:5000]
+        if len(data) > 5000:
+            assert m.fs.read(fh, 5000, len(data)) == data[5000:]
+        m.fs.release(fh)
+    m.cache.flush()
+    # the kernel keeps the pages read: two small files' worth stay (all 51 before)
+    assert len(m.cache.in_memory()) <= 2, len(m.cache.in_memory())
+
+
 def test_units_a_reader_went_past_leave_memory_first(tmp_path):
     from strata.storage.cache import UnitCache
     cache = UnitCache(tmp_path / "c", limit=1 << 30, passed_keep=2 * 1000)
