@@ -12,7 +12,8 @@ readahead (`UnitCache.ensure`), so a warm sequential reader finds them in memory
 random read resets it, so random readers fetch only what they touch. A sequential
 reader a quarter into chunk i reports chunk i-1 as passed (`UnitCache.passed`): the
 kernel keeps the pages it read, so the cache lets that chunk leave memory before the
-ones fetched ahead (a cold 1 GiB read peaked at 570 MB of RSS without it, 270 with).
+ones fetched ahead (a cold 1 GiB read peaked at 570 MB of RSS without it, 270 with);
+so does a read that gets to the end of a file (`_ended`).
 The stream also keeps the descriptors of the units it is reading open (`UnitFiles`),
 closed by `close` when the handle is released.
 
@@ -265,8 +266,7 @@ class Reader:
 
     def read(self, entry: Entry, offset: int, size: int, stream: Stream | None = None) -> bytes:
         data = self._read(entry, offset, size, stream)
-        if stream is not None and data and offset + len(data) >= entry.size:
-            self._ended(entry)
+        self._ended(entry, offset + len(data), stream)
         return data
 
     def read_view(self, entry: Entry, offset: int, buf: memoryview,
@@ -274,16 +274,16 @@ class Reader:
         """`read` of up to len(buf) bytes, for a reply: a view of `buf` filled, or of the
         memory that already holds the bytes (a chunk just fetched: no copy)."""
         got = self._read_view(entry, offset, buf, stream)
-        if stream is not None and got and offset + len(got) >= entry.size:
-            self._ended(entry)
+        self._ended(entry, offset + len(got), stream)
         return got
 
-    def _ended(self, entry: Entry) -> None:
-        """A reader got to the end of the file: the unit holding its end (a small file's,
-        a one-chunk file's chunk, the last chunk) need not stay in memory, as the chunks
-        a reader went past (`_pass`): `tar` of 400 MB of small files left the mount at
-        430 MB of RSS, their units held in memory up to its limit."""
-        if entry.kind != "x":
+    def _ended(self, entry: Entry, end: int, s: Stream | None) -> None:
+        """A reader (a handle's stream) whose read ended at the end of the file: the unit
+        holding that end (a small file's, a one-chunk file's chunk, the last chunk) need
+        not stay in memory, as the chunks a reader went past (`_pass`): `tar` of 400 MB
+        of small files left the mount at 430 MB of RSS, their units held in memory up
+        to its limit."""
+        if s is not None and entry.kind != "x" and end >= entry.size > 0:
             self.cache.passed(entry.sha256 if entry.pack else entry.chunks[-32:].hex())
 
     def _read(self, entry: Entry, offset: int, size: int, stream: Stream | None) -> bytes:
