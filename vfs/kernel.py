@@ -25,7 +25,9 @@ import errno
 import fcntl
 import logging
 import os
+import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
@@ -309,6 +311,9 @@ class Channel:
               threads: int = THREADS) -> None:
         """Serve requests until the file system is unmounted. `handle(request, scratch)`
         answers one request; `scratch` is a buffer of the worker's own for read replies."""
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        wake_lock, wake_open = threading.Lock(), [True]
+
         def worker() -> None:
             buf = bytearray(BUFFER)
             scratch = bytearray(MAX_WRITE)
@@ -318,18 +323,43 @@ class Channel:
                     break
                 handle(req, scratch)
             self._closed.set()
+            with wake_lock:   # not once the descriptor is closed (its number reused)
+                if wake_open[0]:
+                    try:
+                        os.write(wake_w, b"\0")
+                    except BlockingIOError:   # full: the main thread is woken anyway
+                        pass
 
+        # A signal may be delivered to any thread; Python runs its handler in the main
+        # thread, and only once that thread returns from what blocks it. The C-level
+        # handler writes to the wakeup descriptor whichever thread it runs in, so the
+        # main thread waits on that (with the workers' end): a SIGTERM that landed in a
+        # worker left the main thread asleep in Event.wait until its timeout (an hour).
+        try:
+            previous = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        except ValueError:   # not the main thread: no Python signal handlers here
+            previous = None
         pool = [threading.Thread(target=worker, name=f"strata-fuse-{i}", daemon=True)
                 for i in range(threads)]
         for t in pool:
             t.start()
         try:
-            while not self._closed.wait(3600):
-                pass
+            while not self._closed.is_set():
+                select.select([wake_r], [], [])
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
         finally:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
             # the others are blocked in read(2) on a dead connection: they end with it
             for t in pool:
                 t.join(timeout=1.0)
+            with wake_lock:
+                wake_open[0] = False
+                os.close(wake_r)
+                os.close(wake_w)
 
     def close(self) -> None:
         try:

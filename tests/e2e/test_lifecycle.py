@@ -3,8 +3,10 @@ must fail in one line, signals, kill -9 and the stale mount it leaves, Dataset.m
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
+import platform
 import signal
 from pathlib import Path
 
@@ -112,6 +114,27 @@ def test_signal_to_foreground_mount_unmounts_cleanly(build, mounts, sig):
     proc = mounts.foreground(vid, build.repo_url)
     assert (mnt / "d/b.txt").read_bytes() == b"beta\n"
     proc.send_signal(sig)
+    assert proc.wait(timeout=EXIT) == 0, proc.stderr.read()
+    assert_cleanly_unmounted(mnt, proc.pid)
+
+
+SYS_TGKILL = {"x86_64": 234, "aarch64": 131}   # <asm/unistd.h>
+
+
+def test_a_stop_signal_taken_by_a_worker_thread_unmounts_too(build, mounts):
+    """A signal sent to the process may be delivered to any of its threads; Python runs
+    the handler in the main thread only once that thread wakes. Sent to a FUSE worker
+    thread itself (tgkill), SIGTERM still unmounts at once (it used to wait for the main
+    thread's hourly wake-up)."""
+    vid = build.version(FILES)
+    mnt = mounts.folder()
+    proc = mounts.foreground(vid, build.repo_url)
+    assert (mnt / "a.txt").read_bytes() == b"alpha\n"
+    worker = max(int(t) for t in os.listdir(f"/proc/{proc.pid}/task"))
+    assert worker != proc.pid
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(SYS_TGKILL[platform.machine()], proc.pid, worker,
+                        signal.SIGTERM) == 0, os.strerror(ctypes.get_errno())
     assert proc.wait(timeout=EXIT) == 0, proc.stderr.read()
     assert_cleanly_unmounted(mnt, proc.pid)
 
