@@ -28,7 +28,7 @@ from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, Sour
 from strata.catalog.merge import MergedView, Scope, ancestry, merge_parents, merged
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, bump_patch, check_label, highest
-from strata.catalog.repo import Repository, _repos, open_repo  # noqa: F401  (re-exported)
+from strata.catalog.repo import Repository, open_repo
 from strata.storage.errors import PreconditionFailed
 
 HASH_WORKERS = max(2, os.cpu_count() or 2)   # hashing is CPU-bound: one per core

@@ -12,11 +12,12 @@ from typing import Sequence
 from strata.catalog import layout
 from strata.catalog import draft as drafts
 from strata.catalog.blobs import iter_entry_bytes
-from strata.catalog.dataset import Dataset, open_repo
+from strata.catalog.dataset import Dataset
 from strata.catalog.errors import (BadArgument, HasChildren, LabelTaken, UnknownVersion)
 from strata.catalog.merge import merge_parents
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, semver_key
+from strata.catalog.repo import open_repo
 from strata.storage.errors import StorageError
 
 GC_GRACE_SECONDS = 3600

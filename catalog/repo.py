@@ -294,8 +294,8 @@ _repos: dict[str, Repository] = {}
 def open_repo(repo: str | Repository | None = None, *, create: bool = False) -> Repository:
     if isinstance(repo, Repository):
         return repo
-    url = config_mod.load(repo).repo
-    key = f"{url}|{config_mod.load(repo).cache_dir}"
+    cfg = config_mod.load(repo)
+    key = f"{cfg.repo}|{cfg.cache_dir}"
     if key not in _repos:
-        _repos[key] = Repository.open(url, create=create)
+        _repos[key] = Repository.open(cfg.repo, create=create)
     return _repos[key]

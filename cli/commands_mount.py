@@ -46,7 +46,7 @@ def mount(state: State, dataset_id, project, name, version, mountpoint, all_vers
         if writable or overlay:
             raise click.UsageError("--all is read-only; mount one version with "
                                    "--writable to change it")
-        from strata.catalog.dataset import open_repo
+        from strata.catalog.repo import open_repo
         repo, vid = open_repo(state.repo), mounts.ALL_VERSIONS
         what = f"every version of {repo.url}"
     else:

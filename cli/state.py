@@ -31,7 +31,7 @@ class State:
 
     def repo_url(self) -> str:
         """The effective repository URL (after STRATA_REPO, config file, embedded default)."""
-        from strata.catalog.dataset import open_repo
+        from strata.catalog.repo import open_repo
         return open_repo(self.repo).url
 
     def want_json(self, per_command: bool) -> bool:

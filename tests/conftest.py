@@ -148,16 +148,16 @@ STRATA_ENV = ("STRATA_REPO", "STRATA_CACHE_DIR", "STRATA_CACHE_SIZE", "STRATA_CO
 def isolate_home(tmp_path, monkeypatch):
     """Own data, cache and config dirs for a test and every process it starts; yields the
     home folder. Suites make it autouse through their own conftest."""
-    from strata.catalog import dataset as dataset_mod
+    from strata.catalog import repo as repo_mod
     home = tmp_path / "home"
     for var, sub in (("XDG_DATA_HOME", "data"), ("XDG_CACHE_HOME", "cache"),
                      ("XDG_CONFIG_HOME", "config")):
         monkeypatch.setenv(var, str(home / sub))
     for var in STRATA_ENV:
         monkeypatch.delenv(var, raising=False)
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     yield home
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
 
 
 # ---- no skipped tests ------------------------------------------------------------------

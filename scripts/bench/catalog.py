@@ -236,7 +236,7 @@ def overwrite(path: Path, offset: int, data: bytes) -> None:
 # ---- the benchmark ---------------------------------------------------------------------
 def run(args, work: Path, res: Results) -> None:
     from strata.catalog import Dataset
-    from strata.catalog.dataset import open_repo
+    from strata.catalog.repo import open_repo
     from strata.catalog.ops import compare
     from strata.catalog.repo import Repository
 

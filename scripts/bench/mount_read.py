@@ -534,7 +534,7 @@ class Bench:
         # boto3 GETs of the version's own chunk objects, 8 threads (strata's fetch pattern,
         # without FUSE, verification or the cache): informational
         from concurrent.futures import ThreadPoolExecutor
-        from strata.catalog.dataset import open_repo
+        from strata.catalog.repo import open_repo
         entry = open_repo(repo).manifest(vid).lookup("big.bin")
         keys = [f"strata/blobs/{c[:2]}/{c}" for c in entry.chunk_ids]
 
@@ -669,7 +669,7 @@ class Bench:
     def figS(self) -> None:
         import boto3
         from strata.catalog import layout
-        from strata.catalog.dataset import open_repo
+        from strata.catalog.repo import open_repo
         sz = self.sizes
         n, reps = sz.s3_small, self.args.reps
         print(f"\nS. {n} small files of {sz.small_file // KiB} KiB from S3 (s3rver), one "
@@ -804,7 +804,7 @@ class Bench:
     # -- 5 -----------------------------------------------------------------------------
     def fig5(self) -> None:
         from strata.catalog import layout, manifest
-        from strata.catalog.dataset import open_repo
+        from strata.catalog.repo import open_repo
         from strata.catalog.manifest import Entry
         from strata.catalog.records import VersionRecord
         sz = self.sizes

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from strata.catalog import Dataset, layout
-from strata.catalog import dataset as dataset_mod
+from strata.catalog import repo as repo_mod
 from strata.catalog.errors import HasChildren, InvalidPath, TargetNotEmpty, BadArgument
 from strata.catalog.materialize import select_part
 from strata.catalog.ops import delete, gc, list_datasets, log, rename
@@ -176,7 +176,7 @@ def test_interrupted_upload_resumes_with_every_file(tmp_path, repo_url, stored_b
         assert ds.list_files() == []
         ds.add_files(src)
     ds.finalize(auto_upload=True)
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     out = tmp_path / "o"
     Dataset.get(ds.id, repo=repo_url).get_mutable_local_copy(out)
     assert tree(out) == files
@@ -193,7 +193,7 @@ def test_hostile_manifest_paths_are_rejected_on_read(tmp_path, repo_url):
     db.close()
     sha = repo.put_manifest(ds.id, str(local))
     repo.update_record(ds.id, lambda r: r.evolve(manifest_sha256=sha))
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     evil = Dataset.get(ds.id, repo=repo_url)
     with pytest.raises(InvalidPath):
         evil.get_mutable_local_copy(tmp_path / "out")

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from strata.catalog import Dataset
-from strata.catalog import dataset as dataset_mod
+from strata.catalog import repo as repo_mod
 from strata.catalog.errors import NotARepository
 from strata.catalog.ops import compare, list_datasets
 from strata.catalog.repo import Repository
@@ -33,7 +33,7 @@ def test_workflow_on_s3_shared_through_the_bucket(tmp_path, s3_url, monkeypatch)
     other = tmp_path / "other"
     monkeypatch.setenv("XDG_DATA_HOME", str(other / "data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(other / "cache"))
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     got = Dataset.get(dataset_project="team", dataset_name="imgs", repo=s3_url)
     assert got.id == v2.id and got.version == "1.0.1"
     out = tmp_path / "out"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from strata.catalog import config
-from strata.catalog.dataset import open_repo
+from strata.catalog.repo import open_repo
 
 from tests.cli.conftest import assert_error, write
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from strata.catalog import dataset as dataset_mod
+from strata.catalog import repo as repo_mod
 
 from tests.cli.conftest import write
 
@@ -210,6 +210,6 @@ def test_embedded_repository_by_default(src):
     vid = runner.invoke(cli, ["create", "--project", "p", "--name", "n"]).stdout.strip()
     assert runner.invoke(cli, ["add", "--files", str(src)]).exit_code == 0
     assert runner.invoke(cli, ["close"]).exit_code == 0
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     found = json.loads(runner.invoke(cli, ["search", "--json"]).stdout)
     assert [d["id"] for d in found] == [vid]

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from strata.catalog import Dataset
-from strata.catalog import dataset as dataset_mod
+from strata.catalog import repo as repo_mod
 from strata.catalog.repo import Repository
 from strata.storage.cache import UnitCache
 from strata.vfs.core import Filesystem
@@ -183,7 +183,7 @@ def test_overlay_behaves_like_a_local_folder(tmp_path_factory, ops):
     base = tmp_path_factory.mktemp("ov")
     os.environ["XDG_DATA_HOME"] = str(base / "data")
     os.environ["XDG_CACHE_HOME"] = str(base / "cache")
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     url = str(base / "repo")
     Repository.open(url, create=True, chunk_size=CHUNK, pack_size=256 * 1024)
     src = base / "src"

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from strata.catalog import Dataset
-from strata.catalog import dataset as dataset_mod
+from strata.catalog import repo as repo_mod
 from strata.catalog.errors import NothingMatched
 from strata.catalog.repo import Repository
 from tests.catalog.conftest import write
@@ -54,7 +54,7 @@ def test_lazy_view_matches_eager_merge(tmp_path_factory, history):
     base = tmp_path_factory.mktemp("h")
     os.environ["XDG_DATA_HOME"] = str(base / "data")
     os.environ["XDG_CACHE_HOME"] = str(base / "cache")
-    dataset_mod._repos.clear()
+    repo_mod._repos.clear()
     url = str(base / "repo")
     Repository.open(url, create=True, chunk_size=CHUNK, pack_size=256 * 1024)
     ids = []
