@@ -202,6 +202,8 @@ class PackWindows:
             p.ended = True
         if len(p.windows) > WINDOWS_PER_PACK:
             self._bytes -= len(p.windows.pop(0)[1])
+        if self._bytes <= self._limit:
+            return
         for q in list(self._packs.values()):   # least recently read first
             while self._bytes > self._limit and q.windows and (q is not p or len(q.windows) > 1):
                 self._bytes -= len(q.windows.pop(0)[1])
