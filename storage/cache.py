@@ -332,16 +332,15 @@ class UnitCache:
                     return files.use(key, path, lambda fd: op(fd, base, size))
                 return on_file(path, lambda fd: op(fd, base, size))
             got, touched = use(unit, self._file(unit), 0, None), unit
-            if got is None:
-                part = self._part(unit)
-                if part is not None:
+            if got is None:   # a whole file holding it: one being built (renamed in
+                for building in (True, False):   # meanwhile: the index has it), or indexed
+                    part = self._part(unit, building)
+                    if part is None:
+                        break
                     path, base, size, touched = part
                     got = use(path, path, base, size)
-                    if got is None and touched is None:   # renamed in meanwhile
-                        part = self._part(unit, building=False)
-                        if part is not None:
-                            path, base, size, touched = part
-                            got = use(path, path, base, size)
+                    if got is not None or touched is not None:
+                        break
             if got is not None:
                 with self._lock:
                     self.stats.hits += 1
@@ -738,16 +737,15 @@ class UnitCache:
         db = self._db()
         db.execute("INSERT OR REPLACE INTO units VALUES (?, ?, ?)",
                    (unit, builder.size, time.time()))
-        cs = builder.chunk_size
         db.executemany("INSERT OR REPLACE INTO parts VALUES (?, ?, ?, ?)",
-                       [(u, unit, i * cs, min(cs, builder.size - i * cs))
-                        for i, u in enumerate(builder.ids)])
+                       [(chunk, unit, *builder.span(idx))
+                        for idx, chunk in enumerate(builder.ids)])
         os.replace(builder.tmp, path)
         builder.installed = True     # its readers go on from the whole file
         self._forget_builder(builder)
         self.discard(set(builder.ids))
-        for unit in builder.ids:     # nor need its chunks stay in memory
-            self.passed(unit)
+        for chunk in builder.ids:    # nor need its chunks stay in memory
+            self.passed(chunk)
         with self._lock:
             self._since_check += builder.size
         self.evict()
@@ -904,6 +902,11 @@ class WholeFile:
             self.taken.discard(idx)
         return False
 
+    def span(self, idx: int) -> tuple[int, int]:
+        """(offset, size) of chunk `idx` in the file."""
+        offset = idx * self.chunk_size
+        return offset, min(self.chunk_size, self.size - offset)
+
     def written_at(self, unit: str) -> tuple[int, int] | None:
         """(offset, size) of chunk `unit` in the temp file, if it is written there."""
         with self._lock:
@@ -911,8 +914,7 @@ class WholeFile:
                 return None
             for idx in self._places.get(unit, ()):
                 if idx not in self.missing:
-                    offset = idx * self.chunk_size
-                    return offset, min(self.chunk_size, self.size - offset)
+                    return self.span(idx)
         return None
 
     def unqueue(self, idx: int) -> None:
@@ -1017,7 +1019,7 @@ class WholeFile:
             self._keep_unit(idx)
         if first:
             try:
-                self.cache.adopt(self.ids[0], self.tmp, min(self.chunk_size, self.size))
+                self.cache.adopt(self.ids[0], self.tmp, self.span(0)[1])
                 return
             except OSError as e:
                 log.debug("whole copy of %s: first chunk not adopted in place: %s",
@@ -1030,8 +1032,7 @@ class WholeFile:
 
     def _keep_unit(self, idx: int) -> None:
         """Store chunk `idx` as a unit file, read back from the temp file and verified."""
-        unit, offset = self.ids[idx], idx * self.chunk_size
-        size = min(self.chunk_size, self.size - offset)
+        unit, (offset, size) = self.ids[idx], self.span(idx)
         try:
             data = read_verified(self.tmp, unit, size, offset)
             if data is not None:
