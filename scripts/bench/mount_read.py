@@ -27,7 +27,8 @@ Figures (docs/performance.md, "Mount reads (issue 3)"):
      the peak memory (VmHWM) of each mount process over its read. s3rver's files are
      read into the page cache before each contender, so the server side is the same for
      all; the contenders take turns, round after round (--reps), and each figure is the
-     best of its rounds. strata's mounts in figures 2 and 3 have an 8 GiB cache limit (`CACHE_SIZE`).
+     best of its rounds. strata's mounts in figures 2 and 3 have an 8 GiB cache limit
+     (`CACHE_SIZE`).
   3. warm re-read of that file: strata cache hot, fresh mount, page cache dropped, vs a
      local-disk read of the same file with the page cache dropped (target >= 0.5x);
      page-cache-hot re-read vs a page-cache-hot local read (target >= 0.7x, best of 3).
