@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from strata.catalog.dataset import Dataset
-from strata.catalog.repo import Repository
+from strata.catalog.repo import DEFAULT_PACK_SIZE, Repository
 from strata.storage.cache import whole_key
 from tests.conftest import apply_s3_env
 from tests.e2e.conftest import (CHUNK, READY, Builder, cache_dir, cached_units, index_rows,
@@ -272,15 +272,23 @@ def test_a_cached_file_is_handed_to_the_kernel(build, mounts):
 
 
 @contextlib.contextmanager
+def counted_s3_repo(s3_server, monkeypatch, pack_size: int = DEFAULT_PACK_SIZE):
+    """A fresh repository on moto (chunks of CHUNK bytes), reached through a proxy that
+    counts the requests (and fails none). Yields (repository URL, proxy)."""
+    with FlakyProxy(s3_server.endpoint_url) as proxy:
+        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
+        url = f"s3://{s3_server.make_bucket()}/repo"
+        Repository.open(url, create=True, chunk_size=CHUNK, pack_size=pack_size)
+        yield url, proxy
+
+
+@contextlib.contextmanager
 def counted_s3_mount(s3_server, monkeypatch, mounts, tmp_path, files: dict[str, bytes],
                      pack_size: int):
     """A version of `files` in a fresh repository on moto, mounted; moto is reached
     through a proxy that counts the requests (and fails none). Yields (mountpoint,
     proxy)."""
-    with FlakyProxy(s3_server.endpoint_url) as proxy:
-        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
-        url = f"s3://{s3_server.make_bucket()}/repo"
-        Repository.open(url, create=True, chunk_size=CHUNK, pack_size=pack_size)
+    with counted_s3_repo(s3_server, monkeypatch, pack_size=pack_size) as (url, proxy):
         vid = Builder(url, tmp_path).version(files)
         mnt = mounts.folder()
         mounts.start(vid, url)
@@ -355,10 +363,7 @@ def test_a_child_version_that_appended_to_a_large_file_fetches_only_its_new_chun
     base = rnd.randbytes(CHUNK * 8)
     grown = base + rnd.randbytes(CHUNK + 5)          # two new chunks
     (tmp_path / "expected").write_bytes(grown)
-    with FlakyProxy(s3_server.endpoint_url) as proxy:
-        apply_s3_env(monkeypatch, {**s3_server.env(), "AWS_ENDPOINT_URL": proxy.endpoint})
-        url = f"s3://{s3_server.make_bucket()}/repo"
-        Repository.open(url, create=True, chunk_size=CHUNK)
+    with counted_s3_repo(s3_server, monkeypatch) as (url, proxy):
         build = Builder(url, tmp_path)
         parent = build.version({"data.bin": base})
         child = build.version({"data.bin": grown}, parents=[parent])
