@@ -26,6 +26,7 @@ at the end.
 from __future__ import annotations
 
 import argparse
+import compileall
 import os
 import shutil
 import statistics
@@ -35,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import STRATA_CLI, force_unmount
+from benchlib import STRATA_CLI, compile_strata, force_unmount
 
 
 class Variant:
@@ -146,6 +147,8 @@ def main() -> int:
         variants = [Variant("this checkout", work / "after", None)]
         if a.base:
             variants.insert(0, Variant("base", work / "before", os.path.abspath(a.base)))
+            compileall.compile_dir(a.base, quiet=1)
+        compile_strata()
         repo = str(work / "repo" / "r")
         Path(repo).mkdir(parents=True)
         subprocess.run([*STRATA_CLI, "repo", "init", repo], env=variants[-1].env, check=True,
