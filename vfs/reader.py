@@ -444,6 +444,7 @@ class Reader:
             else:
                 s.window = 0
                 s.ahead_until = 0
+                s.passed = 0   # a new pass over chunks reported before reports them again
             s.next_offset = max(s.next_offset, offset + size) if near else offset + size
             if not s.window:
                 return

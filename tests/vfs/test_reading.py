@@ -320,6 +320,28 @@ def test_a_sequential_reader_leaves_the_chunks_behind_it_out_of_memory(repo_url,
     assert len(m.cache.in_memory()) <= 2
 
 
+def test_a_reader_going_back_reports_the_chunks_it_passes_again(repo_url, tmp_path, mounted):
+    data = os.urandom(CHUNK * 12)
+    ds = make(repo_url, tmp_path, {"big": data})
+    m = mounted(repo_url, ds.id)
+    ids = m.view.lookup("big").entry.chunk_ids
+    reported = []
+    real = m.cache.passed
+    m.cache.passed = lambda unit: (reported.append(unit), real(unit))
+    fh = m.fs.open("big", os.O_RDONLY)
+
+    def sweep(end: int) -> None:
+        for off in range(0, end, CHUNK // 4):
+            assert m.fs.read(fh, off, CHUNK // 4) == data[off:off + CHUNK // 4]
+
+    sweep(6 * CHUNK)
+    assert reported == ids[:5]
+    reported.clear()
+    sweep(4 * CHUNK)   # a second epoch from the start: its chunks leave memory again
+    assert reported == ids[:3]
+    m.fs.release(fh)
+
+
 def test_files_read_to_their_end_leave_memory(repo_url, tmp_path, mounted):
     files = {f"s/{i:03}": os.urandom(3000) for i in range(50)}
     files["one"] = os.urandom(CHUNK - 7)        # a one-chunk file
