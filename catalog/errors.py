@@ -20,6 +20,15 @@ class UnknownVersion(CatalogError):
     pass
 
 
+class BrokenHistory(CatalogError):
+    """A version's parents lead back to it: records altered by hand or damaged. Nothing
+    strata writes can form a loop (a new version's parents exist before it does)."""
+
+    def __init__(self, version_id: str, again: str):
+        super().__init__(f"the history of version {version_id} is a loop: version {again} "
+                         f"is among its own ancestors (its records were altered or damaged)")
+
+
 class WrongState(CatalogError):
     """The version is in a state that does not allow the operation (e.g. adding to a final one)."""
 

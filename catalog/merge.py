@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from strata.catalog import paths
+from strata.catalog.errors import BrokenHistory
 from strata.catalog.manifest import DirEntry, Entry
 
 
@@ -91,21 +92,30 @@ def merge_parents(repo, parent_ids: list[str], scope: Scope | None = None) -> Me
     return view
 
 
-def _merged_one(repo, version_id: str, scope: Scope | None = None) -> MergedView:
+def _merged_one(repo, version_id: str, scope: Scope | None = None,
+                below: frozenset[str] = frozenset()) -> MergedView:
     # Walk the first-parent chain iteratively (chains can be long), building the view in
     # place from the root down; other parents are merged recursively and copied in.
+    # `below`: the versions whose history this is part of (a loop raises BrokenHistory).
     chain = []
+    walked = set(below)
     vid = version_id
     while True:
+        if vid in walked:
+            raise BrokenHistory(version_id, vid)
+        walked.add(vid)
         rec = repo.record(vid)
         chain.append(rec)
         if not rec.parents:
             break
         vid = rec.parents[0]
     view = MergedView()
-    for rec in reversed(chain):
-        for extra in rec.parents[1:]:
-            view.update(_merged_one(repo, extra, scope))
+    for i in range(len(chain) - 1, -1, -1):
+        rec = chain[i]
+        if len(rec.parents) > 1:   # below them: this version and the chain down to it
+            path = below.union(r.id for r in chain[:i + 1])
+            for extra in rec.parents[1:]:
+                view.update(_merged_one(repo, extra, scope, path))
         m = repo.manifest(rec.id, rec.manifest_sha256)
         if scope is None:
             view.apply(m.removed(), m.files(), m.dirs(explicit_only=True))
@@ -116,7 +126,8 @@ def _merged_one(repo, version_id: str, scope: Scope | None = None) -> MergedView
 
 
 def ancestry(repo, version_id: str) -> dict[str, tuple[str, ...]]:
-    """version id -> parent ids, for the version and all its ancestors."""
+    """version id -> parent ids, for the version and all its ancestors (BrokenHistory if
+    one of them is its own ancestor)."""
     graph: dict[str, tuple[str, ...]] = {}
     todo = [version_id]
     while todo:
@@ -126,4 +137,25 @@ def ancestry(repo, version_id: str) -> dict[str, tuple[str, ...]]:
         rec = repo.record(vid)
         graph[vid] = rec.parents
         todo.extend(rec.parents)
+    _check_no_loop(graph, version_id)
     return graph
+
+
+def _check_no_loop(graph: dict[str, tuple[str, ...]], root: str) -> None:
+    """Depth-first from `root`, iteratively (histories can be deep): a parent met again
+    while it is still on the path is a loop."""
+    done: set[str] = set()
+    on_path: set[str] = {root}
+    stack = [(root, iter(graph.get(root, ())))]
+    while stack:
+        vid, parents = stack[-1]
+        parent = next(parents, None)
+        if parent is None:
+            stack.pop()
+            on_path.discard(vid)
+            done.add(vid)
+        elif parent in on_path:
+            raise BrokenHistory(root, parent)
+        elif parent not in done:
+            on_path.add(parent)
+            stack.append((parent, iter(graph.get(parent, ()))))

@@ -19,6 +19,7 @@ from typing import Protocol
 from cachetools import LRUCache
 
 from strata.catalog import paths
+from strata.catalog.errors import BrokenHistory
 from strata.catalog.manifest import DirEntry, Entry, Manifest
 from strata.vfs.errors import NoEntry, NotADirectory
 
@@ -145,6 +146,13 @@ class VersionView(EntryReads):
             ps = rec.parents
         return ps
 
+    def _step(self, walked: set[str], vid: str) -> None:
+        """A walk down the history reaches `vid`; `walked` holds the versions it passed
+        (only a repository whose records were altered can lead back to one)."""
+        if vid in walked:
+            raise BrokenHistory(self.version_id, vid)
+        walked.add(vid)
+
     def _manifest(self, vid: str) -> Manifest:
         self._parents_of(vid)
         return self.repo.manifest(vid, self._shas[vid])
@@ -162,8 +170,10 @@ class VersionView(EntryReads):
             self._lookups[key] = node
         return node
 
-    def _lookup_in(self, vid: str, path: str) -> Node | None:
+    def _lookup_in(self, vid: str, path: str, below: frozenset[str] = frozenset()) -> Node | None:
+        walked = set(below)   # the versions whose history this is: met again, a loop
         while True:
+            self._step(walked, vid)
             m = self._manifest(vid)
             e = m.lookup(path)
             if e is not None:
@@ -185,7 +195,7 @@ class VersionView(EntryReads):
                     hit = key in self._lookups
                     node = self._lookups.get(key)
                 if not hit:
-                    node = self._lookup_in(p, path)
+                    node = self._lookup_in(p, path, frozenset(walked))
                     with self._lock:
                         self._lookups[key] = node
                 if node is not None:
@@ -198,7 +208,8 @@ class VersionView(EntryReads):
         children = self._children(self.version_id, path)
         return sorted(children.values(), key=lambda n: n.name)
 
-    def _children(self, vid: str, path: str) -> dict[str, Node]:
+    def _children(self, vid: str, path: str,
+                  below: frozenset[str] = frozenset()) -> dict[str, Node]:
         key = (vid, path)
         with self._lock:
             cached = self._listings.get(key)
@@ -207,7 +218,9 @@ class VersionView(EntryReads):
         top = vid == self.version_id
         out: dict[str, Node] = {}
         hidden: set[str] = set()
+        walked = set(below)
         while True:
+            self._step(walked, vid)
             m = self._manifest(vid)
             files, dirs = m.children(path)
             for e in files:
@@ -228,7 +241,7 @@ class VersionView(EntryReads):
                 vid = ps[0]
                 continue
             for p in reversed(ps):
-                for name, n in self._children(p, path).items():
+                for name, n in self._children(p, path, frozenset(walked)).items():
                     if name not in out and name not in hidden:
                         out[name] = n
             break

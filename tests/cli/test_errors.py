@@ -144,6 +144,20 @@ def test_verify_reports_problems(run, final, tmp_path):
     assert report["ok"] is False and len(report["problems"]) == 2
 
 
+def test_a_history_that_loops_is_refused_not_walked_forever(run, src, unchanged, tmp_path):
+    # records altered by hand: the parent now names its own child as its parent
+    first = run.version(src)
+    second = run.version(src, parents=(first,))
+    record = os.path.join("versions", f"{first}.json")
+    fields = json.load(open(os.path.join(run.repo_url, record)))
+    fields["parents"] = [second]
+    write(run.repo_url, record, json.dumps(fields))
+    for args in (["list", "--id", second], ["log", "--id", second],
+                 ["verify", "--id", second], ["get", "--id", second, "--copy", tmp_path / "x"],
+                 ["compare", "--source", first, "--target", second]):
+        bad(run, unchanged, *args, contains="is a loop")
+
+
 def test_usage_errors_exit_2(run, final):
     assert run("create", "--name", "n", ok=False).exit_code == 2           # no --project
     assert run("get", "--copy", "a", "--link", "b", ok=False).exit_code == 2

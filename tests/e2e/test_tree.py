@@ -5,12 +5,17 @@ disagreement between the two is a bug in one of them."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import json
 import os
 import random
 import subprocess
 import time
 import uuid
+from pathlib import Path
+
+import pytest
 
 from strata.catalog import manifest as manifest_mod
 from strata.catalog.manifest import Entry
@@ -139,6 +144,30 @@ def test_removals(build, mounts):
     assert xattr_version(mq / "folder/a.txt") == p
     assert xattr_version(mq / "folder/b.txt") == q
     assert xattr_version(mq / "keep.txt") == g
+
+
+def test_a_history_that_loops_answers_eio_and_the_mount_goes_on(build, mounts):
+    base = build.version({"base.txt": b"base\n"})
+    side = build.version({"side.txt": b"side\n"}, parents=[base])
+    top = build.version({"own.txt": b"own\n"}, parents=[base, side])
+    # records altered by hand: the oldest version now names its child as its parent
+    record = Path(build.repo_url) / "versions" / f"{base}.json"
+    fields = json.loads(record.read_text())
+    fields["parents"] = [side]
+    record.write_text(json.dumps(fields))
+    for vid, name in ((top, "top"), (side, "side")):   # a merge, and single parents
+        info = mounts.start(vid, build.repo_url, name)
+        mp = Path(info.mountpoint)
+        # a name is looked up until found: these are, before the walk comes round again
+        assert (mp / "base.txt").read_bytes() == b"base\n"
+        assert (mp / "side.txt").read_bytes() == b"side\n"
+        # a listing, or a name found nowhere, walks the whole history
+        for walk in (lambda: os.listdir(mp), lambda: os.stat(mp / "missing.txt")):
+            with pytest.raises(OSError) as e:
+                walk()
+            assert e.value.errno == errno.EIO
+        assert f"the history of version {vid} is a loop" in Path(info.log).read_text()
+        assert (mp / "side.txt").read_bytes() == b"side\n"   # and the server goes on
 
 
 def test_deep_chain_of_50_versions(build, mounts, tmp_path):
