@@ -23,6 +23,7 @@ from strata.vfs.errors import MountError
 # The process name (comm) of a mount server forked from its starter, whose command line
 # is the starter's (and need not name strata: any program may call start_background).
 SERVER_NAME = "strata-mount"
+FSTYPE = "fuse.strata"      # the type of every strata mount (vfs.fuse: subtype "strata")
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,30 @@ def _real(mountpoint: str) -> str:
 
 
 def mountinfo_line(mountpoint: str) -> list[str] | None:
+    """The fields of the mount at `mountpoint` (the last one: mounts stack), or None."""
     target = _real(mountpoint)
+    found = None
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
                 fields = line.split()
                 if len(fields) > 4 and _unescape(fields[4]) == target:
-                    return fields
+                    found = fields
     except FileNotFoundError:
         pass
-    return None
+    return found
+
+
+def foreign_mount(mountpoint: str) -> str | None:
+    """What is mounted at `mountpoint` if it is not a strata mount ("ext4 /dev/sda1"),
+    else None: strata never unmounts or detaches another file system."""
+    fields = mountinfo_line(mountpoint)
+    if fields is None or "-" not in fields[6:]:
+        return None
+    kind = fields[fields.index("-", 6) + 1:]
+    if kind and kind[0] == FSTYPE:
+        return None
+    return " ".join(_unescape(x) for x in kind[:2])
 
 
 def _unescape(s: str) -> str:
@@ -146,7 +161,10 @@ def _fusermount(mountpoint: str, lazy: bool = False):
 
 def clean_stale(mountpoint: str) -> str | None:
     """Detach a mount whose server process is gone (kill -9, crash). Returns a message
-    saying what was cleaned, or None if there was nothing stale."""
+    saying what was cleaned, or None if there was nothing stale (or the mount is not
+    strata's)."""
+    if foreign_mount(mountpoint):
+        return None
     info = registered(mountpoint)
     stale = False
     try:
@@ -186,6 +204,10 @@ def control_call(mountpoint: str, op: str, **args) -> dict:
 def unmount(mountpoint: str, timeout: float = 30.0) -> str:
     """Unmount cleanly; a stale mount is detached. Returns a message for the user."""
     mountpoint = os.path.abspath(mountpoint)
+    other = foreign_mount(mountpoint)
+    if other:
+        raise MountError(f"{mountpoint} is not a strata mount (it is {other}); "
+                         f"strata unmounts only its own")
     stale = clean_stale(mountpoint)
     if stale:
         return stale

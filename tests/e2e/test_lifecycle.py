@@ -8,6 +8,7 @@ import errno
 import os
 import platform
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,20 @@ def test_mount_on_a_non_empty_or_mounted_folder_fails_in_one_line(build, mounts)
     assert server_of(mnt) == pid
     one_error_line(strata("--repo", build.repo_url, "mount", "--id", "0" * 32,
                           mounts.folder("other")), "0" * 32)
+
+
+def test_unmount_leaves_other_file_systems_alone(tmp_path):
+    src, point = tmp_path / "src", tmp_path / "point"
+    src.mkdir()
+    point.mkdir()
+    (src / "theirs").write_text("keep me")
+    subprocess.run(["mount", "--bind", str(src), str(point)], check=True)
+    try:
+        line = one_error_line(strata("unmount", point), "not a strata mount")
+        assert str(point) in line
+        assert in_proc_mounts(point) and (point / "theirs").read_text() == "keep me"
+    finally:
+        subprocess.run(["umount", str(point)], check=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
