@@ -13,7 +13,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 
 from strata.catalog import paths
-from strata.catalog.errors import SourceMissing
+from strata.catalog.errors import BadArgument, SourceMissing
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +50,9 @@ def collect(source: str, prefix: str, *, recursive: bool, wildcard,
     if not stat_mod.S_ISDIR(st.st_mode):
         if as_folder:
             raise SourceMissing(f"{source} is not a folder")
+        if not stat_mod.S_ISREG(st.st_mode):   # opening a fifo would wait for a writer
+            raise BadArgument(f"{source} is not a regular file or a folder (a fifo, "
+                              f"socket or device): there are no bytes to store")
         rel = paths.clean(os.path.basename(src), what="file name")
         return [_file(paths.join(prefix, rel), src, st)]
     out: list[Candidate] = []

@@ -77,6 +77,16 @@ def test_missing_source_path(run, src, unchanged, tmp_path):
     assert [d["id"] for d in json.loads(run("search", "--all", "--json").stdout)] == [vid]
 
 
+def test_special_files_named_to_add_are_refused(run, unchanged, tmp_path):
+    vid = run.new_id("create", "--project", "p", "--name", "n")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for special in ("/dev/null", fifo):   # opening the fifo would wait for a writer
+        bad(run, unchanged, "add", "--id", vid, "--files", special,
+            contains="not a regular file")
+    assert run.files("--id", vid) == {}
+
+
 def test_delete_parent_with_children(run, final, tmp_path, unchanged):
     write(tmp_path / "c", "c.txt", "c")
     child = run.version(tmp_path / "c", parents=[final])
