@@ -156,6 +156,28 @@ def _write_atomic(full: str, parts: list[bytes], mode: int, mtime_ns: int) -> No
         raise OSError(e.errno, e.strerror or str(e), full) from None
 
 
+def check_destination(repo, target: str, *, link: bool = False) -> None:
+    """Refuse a destination that is, holds or lies in the repository's folder, the cache
+    or the workspace: replacing it (--overwrite, --link) would delete what strata keeps,
+    and writing into it would mix a copy with strata's own files. `link`: the target is
+    a symlink to be made or replaced, itself (not what it points at)."""
+    from strata.catalog import config
+    kept = [("the strata cache", repo.cache_dir), ("strata's workspace", config.workspace_dir())]
+    if repo.storage.url.startswith("file://"):
+        kept.append(("the repository", repo.storage.url[len("file://"):]))
+    if link:
+        folder, name = os.path.split(os.path.abspath(target))
+        dest = os.path.join(os.path.realpath(folder), name)
+    else:
+        dest = os.path.realpath(target)
+    for what, folder in kept:
+        folder = os.path.realpath(folder)
+        if dest == folder or (dest + os.sep).startswith(folder + os.sep) \
+                or folder.startswith(dest + os.sep):
+            raise BadArgument(f"{target} overlaps {what} ({folder}); choose a folder "
+                              f"outside it")
+
+
 def _check_target(target: str, overwrite: bool) -> None:
     if os.path.exists(target) and not os.path.isdir(target):
         raise TargetNotEmpty(f"{target} exists and is not a folder")
@@ -165,6 +187,7 @@ def _check_target(target: str, overwrite: bool) -> None:
 
 def mutable_copy(ds, target: str, *, overwrite: bool = False, part: int | None = None,
                  num_parts: int | None = None, progress: Progress = NO_PROGRESS) -> str:
+    check_destination(ds.repo, target)
     _check_target(target, overwrite)
     view = ds.view()
     entries = select_part(list(view.files.values()), part, num_parts)

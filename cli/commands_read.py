@@ -9,6 +9,7 @@ import click
 from strata.catalog import ops, paths
 from strata.catalog.dataset import Dataset
 from strata.catalog.errors import TargetNotEmpty
+from strata.catalog.materialize import check_destination
 from strata.cli import output
 from strata.cli.errors import CheckFailed
 from strata.cli.options import command, id_option, json_option, many, name_options
@@ -204,6 +205,8 @@ def get(state: State, dataset_id, project, name, version, copy_to, link_at, over
     if link_at and os.path.lexists(link_at) and not overwrite:
         raise TargetNotEmpty(f"{link_at} exists; use --overwrite to replace it")
     ds = select(state, dataset_id, project, name, version)
+    if link_at:
+        check_destination(ds.repo, link_at, link=True)
     if copy_to:
         where = ds.get_mutable_local_copy(copy_to, overwrite=overwrite, part=part,
                                           num_parts=num_parts, progress=state.progress())

@@ -124,6 +124,16 @@ def test_non_empty_copy_target(run, final, unchanged, tmp_path):
     assert not os.path.islink(link)
 
 
+def test_get_never_replaces_the_repository_or_writes_into_it(run, final, unchanged):
+    repo = run.repo_url
+    bad(run, unchanged, "get", "--id", final, "--link", repo, "--overwrite",
+        contains="overlaps the repository")
+    bad(run, unchanged, "get", "--id", final, "--copy", os.path.dirname(repo),
+        "--overwrite", contains="overlaps")   # the repository, the cache and the workspace
+    bad(run, unchanged, "get", "--id", final, "--copy", os.path.join(repo, "copy"),
+        contains="overlaps the repository")
+
+
 def test_bad_metadata_json(run, final, unchanged):
     bad(run, unchanged, "metadata", "--set", "{bad", contains="not valid JSON")
     bad(run, unchanged, "metadata", "--set", "[1, 2]", contains="JSON object")
