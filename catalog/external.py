@@ -42,7 +42,18 @@ def read_external_range(entry: Entry, offset: int, length: int) -> bytes:
     return storage.read_range(key, offset, length)
 
 
+def check_external_size(entry: Entry) -> None:
+    """Corrupt unless the linked object still has the size recorded: an object that grew
+    would otherwise be served cut to its old size, and pass a check of the bytes read."""
+    storage, key = open_external(entry.target)
+    size = storage.stat(key).size
+    if size != entry.size:
+        raise Corrupt(entry.target, f"external object is {size} bytes, {entry.size} when "
+                                    f"it was added: it changed since")
+
+
 def iter_external(entry: Entry) -> Iterator[bytes]:
+    check_external_size(entry)
     storage, key = open_external(entry.target)
     got = 0
     while got < entry.size:

@@ -43,7 +43,7 @@ from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from strata.catalog.external import read_external_range
+from strata.catalog.external import check_external_size, read_external_range
 from strata.catalog.manifest import Entry
 from strata.storage.cache import (WHOLE, UnitCache, UnitFiles, WholeFile, on_file,
                                   copy_range, whole_key)
@@ -263,6 +263,7 @@ class Reader:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="strata-readahead")
         self._lock = threading.Lock()
         self._scheduled: set[str] = set()
+        self._links_checked: set[tuple[str, int]] = set()   # external links of the right size
         self._max_pending = workers * 2
         self.windows = PackWindows(repo.read_blob, self._pool.submit)
 
@@ -293,6 +294,7 @@ class Reader:
             return b""
         size = min(size, entry.size - offset)
         if entry.kind == "x":
+            self._check_external(entry)
             return read_external_range(entry, offset, size)
         if entry.pack:
             return self.cache.read(entry.sha256, offset, size, *self._small_file(entry))
@@ -411,6 +413,16 @@ class Reader:
             for job in jobs:   # and never leave a write into `fd` running after we return
                 if not job.cancelled():
                     job.exception()
+
+    def _check_external(self, entry: Entry) -> None:
+        """A link's object is checked for its recorded size once per mount (a HEAD):
+        one that changed since it was added fails its reads (EIO, logged)."""
+        key = (entry.target, entry.size)
+        if key in self._links_checked:
+            return
+        check_external_size(entry)
+        with self._lock:
+            self._links_checked.add(key)
 
     def _fetcher(self, cid: str):
         return lambda: self.repo.read_blob(cid)

@@ -10,6 +10,7 @@ from strata.catalog.errors import HasChildren, InvalidPath, TargetNotEmpty, BadA
 from strata.catalog.materialize import select_part
 from strata.catalog.ops import delete, gc, list_datasets, log, rename
 from strata.catalog.repo import Repository
+from strata.storage.errors import Corrupt
 from strata.storage.errors import Transient
 from tests.catalog.conftest import tree, write
 
@@ -270,3 +271,9 @@ def test_external_file_links(tmp_path, repo_url):
     ds.get_mutable_local_copy(out)
     assert tree(out) == {"ext/one.bin": b"1" * 1000, "ext/sub/two.bin": b"2" * 10}
     assert ds.verify_dataset_hash(skip_hash=True) == []
+    write(outside, "one.bin", b"1" * 1001)   # it grew: its first 1000 bytes are not enough
+    for skip_hash in (True, False):
+        problems = ds.verify_dataset_hash(skip_hash=skip_hash)
+        assert len(problems) == 1 and "ext/one.bin" in problems[0], problems
+    with pytest.raises(Corrupt, match="1001 bytes, 1000 when it was added"):
+        ds.get_mutable_local_copy(tmp_path / "o2")

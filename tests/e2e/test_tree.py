@@ -19,6 +19,7 @@ import pytest
 
 from strata.catalog import manifest as manifest_mod
 from strata.catalog.manifest import Entry
+from strata.catalog.dataset import Dataset
 from strata.catalog.records import VersionRecord
 from strata.catalog.repo import Repository
 from strata.vfs.core import XATTR_VERSION
@@ -168,6 +169,36 @@ def test_a_history_that_loops_answers_eio_and_the_mount_goes_on(build, mounts):
             assert e.value.errno == errno.EIO
         assert f"the history of version {vid} is a loop" in Path(info.log).read_text()
         assert (mp / "side.txt").read_bytes() == b"side\n"   # and the server goes on
+
+
+def test_external_links_are_read_by_range_and_a_changed_object_fails(build, mounts,
+                                                                     tmp_path):
+    rng = random.Random(4)
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    big, small = rng.randbytes(CHUNK * 3 + 11), b"small link\n"
+    (outside / "big.bin").write_bytes(big)
+    (outside / "sub" / "small.txt").write_bytes(small)
+    ds = Dataset.create("links", "p", repo=build.repo_url)
+    assert ds.add_external_files(f"file://{outside}", dataset_path="ext") == 2
+    ds.finalize(auto_upload=True)
+    mp = Path(mounts.start(ds.id, build.repo_url).mountpoint)
+    assert (mp / "ext/sub/small.txt").read_bytes() == small
+    with open(mp / "ext/big.bin", "rb") as f:   # ranges, out of order
+        for off in (CHUNK * 2 + 5, 7, CHUNK - 3):
+            f.seek(off)
+            assert f.read(4096) == big[off:off + 4096]
+    assert subprocess.run(["cmp", mp / "ext/big.bin", outside / "big.bin"]).returncode == 0
+    assert xattr_version(mp / "ext/big.bin") == ds.id
+
+    with open(outside / "big.bin", "ab") as f:   # the object changes after it was added
+        f.write(b"more")
+    info = mounts.start(ds.id, build.repo_url, "again")
+    with pytest.raises(OSError) as e:
+        (Path(info.mountpoint) / "ext/big.bin").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert "it changed since" in Path(info.log).read_text()
+    assert (Path(info.mountpoint) / "ext/sub/small.txt").read_bytes() == small
 
 
 def test_deep_chain_of_50_versions(build, mounts, tmp_path):
