@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from strata.catalog import paths
-from strata.catalog.errors import BrokenHistory
+from strata.catalog.errors import BrokenHistory, UnknownVersion
 from strata.catalog.manifest import DirEntry, Entry
 
 
@@ -93,10 +93,11 @@ def merge_parents(repo, parent_ids: list[str], scope: Scope | None = None) -> Me
 
 
 def _merged_one(repo, version_id: str, scope: Scope | None = None,
-                below: frozenset[str] = frozenset()) -> MergedView:
+                below: frozenset[str] = frozenset(), child: str | None = None) -> MergedView:
     # Walk the first-parent chain iteratively (chains can be long), building the view in
     # place from the root down; other parents are merged recursively and copied in.
-    # `below`: the versions whose history this is part of (a loop raises BrokenHistory).
+    # `below`: the versions whose history this is part of (a loop raises BrokenHistory);
+    # `child`: the version this one is a parent of.
     chain = []
     walked = set(below)
     vid = version_id
@@ -104,7 +105,7 @@ def _merged_one(repo, version_id: str, scope: Scope | None = None,
         if vid in walked:
             raise BrokenHistory(version_id, vid)
         walked.add(vid)
-        rec = repo.record(vid)
+        rec = parent_record(repo, vid, chain[-1].id if chain else child)
         chain.append(rec)
         if not rec.parents:
             break
@@ -115,7 +116,7 @@ def _merged_one(repo, version_id: str, scope: Scope | None = None,
         if len(rec.parents) > 1:   # below them: this version and the chain down to it
             path = below.union(r.id for r in chain[:i + 1])
             for extra in rec.parents[1:]:
-                view.update(_merged_one(repo, extra, scope, path))
+                view.update(_merged_one(repo, extra, scope, path, rec.id))
         m = repo.manifest(rec.id, rec.manifest_sha256)
         if scope is None:
             view.apply(m.removed(), m.files(), m.dirs(explicit_only=True))
@@ -125,18 +126,33 @@ def _merged_one(repo, version_id: str, scope: Scope | None = None,
     return view
 
 
+def parent_record(repo, version_id: str, child: str | None):
+    """The record of `version_id`, a parent of `child` (None: of no version). A parent
+    can be missing only if it was deleted with --force: its children cannot be read."""
+    try:
+        return repo.record(version_id)
+    except UnknownVersion:
+        if child is None:
+            raise
+        raise UnknownVersion(f"version {version_id}, a parent of {child}, is missing from "
+                             f"{repo.url} (deleted with --force?): the versions built on "
+                             f"it cannot be read") from None
+
+
 def ancestry(repo, version_id: str) -> dict[str, tuple[str, ...]]:
     """version id -> parent ids, for the version and all its ancestors (BrokenHistory if
     one of them is its own ancestor)."""
     graph: dict[str, tuple[str, ...]] = {}
+    children: dict[str, str] = {}
     todo = [version_id]
     while todo:
         vid = todo.pop()
         if vid in graph:
             continue
-        rec = repo.record(vid)
+        rec = parent_record(repo, vid, None if vid == version_id else children[vid])
         graph[vid] = rec.parents
         todo.extend(rec.parents)
+        children.update((p, vid) for p in rec.parents)
     _check_no_loop(graph, version_id)
     return graph
 

@@ -20,6 +20,7 @@ from cachetools import LRUCache
 
 from strata.catalog import paths
 from strata.catalog.errors import BrokenHistory
+from strata.catalog.merge import parent_record
 from strata.catalog.manifest import DirEntry, Entry, Manifest
 from strata.vfs.errors import NoEntry, NotADirectory
 
@@ -131,6 +132,7 @@ class VersionView(EntryReads):
         self._listings: LRUCache = LRUCache(maxsize=memo_dirs)
         root_record = record if record is not None else repo.record(version_id)
         self._parents[version_id] = root_record.parents
+        self._child_of = {p: version_id for p in root_record.parents}   # parent -> a child
         self._shas = {version_id: root_record.manifest_sha256}
         self.record = root_record
 
@@ -139,10 +141,14 @@ class VersionView(EntryReads):
         with self._lock:
             ps = self._parents.get(vid)
         if ps is None:
-            rec = self.repo.record(vid)
+            with self._lock:
+                child = self._child_of.get(vid)
+            rec = parent_record(self.repo, vid, child)
             with self._lock:
                 self._parents[vid] = rec.parents
                 self._shas[vid] = rec.manifest_sha256
+                for p in rec.parents:
+                    self._child_of.setdefault(p, vid)
             ps = rec.parents
         return ps
 

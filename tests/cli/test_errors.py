@@ -92,6 +92,10 @@ def test_delete_parent_with_children(run, final, tmp_path, unchanged):
     child = run.version(tmp_path / "c", parents=[final])
     bad(run, unchanged, "delete", "--id", final, contains="--force")
     assert {d["id"] for d in json.loads(run("search", "--json").stdout)} == {final, child}
+    run("delete", "--id", final, "--force")   # the child stays, and cannot be read
+    for args in (["list", "--id", child], ["log", "--id", child], ["verify", "--id", child]):
+        assert_error(run(*args, ok=False),
+                     contains=f"version {final}, a parent of {child}, is missing")
 
 
 def test_non_final_parent(run, unchanged):
