@@ -97,15 +97,24 @@ def fetch(repo, entries: list[Entry], sink: Callable[[Entry, list[bytes]], None]
     def do_file(e: Entry) -> None:
         parts = []
         for piece in iter_entry_bytes(repo, e):
+            if stop.is_set():
+                return
             parts.append(piece)
             progress.advance(len(piece))
         sink(e, parts)
 
-    with ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="strata-fetch") as pool:
+    # a failure or Ctrl-C stops the fetch: queued files are dropped, and a large file
+    # being fetched stops at its next chunk (a pool's exit would wait for them all)
+    stop = threading.Event()
+    pool = ThreadPoolExecutor(FETCH_WORKERS, thread_name_prefix="strata-fetch")
+    try:
         futures = [pool.submit(do_span, s) for s in _spans(small)]
         futures += [pool.submit(do_file, e) for e in other]
         for f in futures:
             f.result()
+    finally:
+        stop.set()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _SafeTree:
@@ -191,14 +200,32 @@ def mutable_copy(ds, target: str, *, overwrite: bool = False, part: int | None =
     _check_target(target, overwrite)
     view = ds.view()
     entries = select_part(list(view.files.values()), part, num_parts)
-    if overwrite and os.path.isdir(target):
-        for name in os.listdir(target):
-            full = os.path.join(target, name)
-            if os.path.isdir(full) and not os.path.islink(full):
-                shutil.rmtree(full)
-            else:
-                os.unlink(full)
+    existed = os.path.isdir(target)
+    if overwrite and existed:
+        _empty(target)
     os.makedirs(target, exist_ok=True)
+    try:
+        _fill(ds, view, entries, target, part, progress)
+    except BaseException:   # a failure or Ctrl-C: the folder is left empty (or not there),
+        if existed:         # so that the same command can be run again
+            _empty(target)
+        else:
+            _rmtree_rw(target)
+        raise
+    return target
+
+
+def _empty(folder: str) -> None:
+    for name in os.listdir(folder):
+        full = os.path.join(folder, name)
+        if os.path.isdir(full) and not os.path.islink(full):
+            _rmtree_rw(full)
+        else:
+            os.unlink(full)
+
+
+def _fill(ds, view, entries: list[Entry], target: str, part: int | None,
+          progress: Progress) -> None:
     tree = _SafeTree(target)
     progress.start("get", sum(e.size for e in entries if e.kind != "l"))
     try:
@@ -221,7 +248,6 @@ def mutable_copy(ds, target: str, *, overwrite: bool = False, part: int | None =
                     os.chmod(tree.path(d.path), d.mode & 0o7777)
     finally:
         progress.done()
-    return target
 
 
 def local_copy(ds, *, part: int | None = None, num_parts: int | None = None,
@@ -238,8 +264,9 @@ def local_copy(ds, *, part: int | None = None, num_parts: int | None = None,
     view = ds.view()
     entries = select_part(list(view.files.values()), part, num_parts)
     tmp = cache / "copies" / f".{ds.id}{suffix}.{os.getpid()}.tmp"
-    if tmp.exists():
-        _rmtree_rw(str(tmp))
+    for old in (cache / "copies").glob(f".{ds.id}{suffix}.*.tmp"):
+        if old == tmp or not _alive(old.name.rsplit(".", 2)[-2]):   # kill -9, power loss
+            _rmtree_rw(str(old))
     tmp.mkdir(parents=True)
     tree = _SafeTree(str(tmp))
 
@@ -284,6 +311,9 @@ def local_copy(ds, *, part: int | None = None, num_parts: int | None = None,
             for d in view.dirs.values():
                 tree.parent_ready(d.path)
                 os.makedirs(tree.path(d.path), exist_ok=True)
+    except BaseException:   # a failure or Ctrl-C: no half copy stays in the cache
+        _rmtree_rw(str(tmp))
+        raise
     finally:
         progress.done()
     try:
@@ -291,6 +321,10 @@ def local_copy(ds, *, part: int | None = None, num_parts: int | None = None,
     except OSError:  # another process finished the same copy first
         _rmtree_rw(str(tmp))
     return str(final)
+
+
+def _alive(pid: str) -> bool:
+    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
 
 
 def _rmtree_rw(path: str) -> None:

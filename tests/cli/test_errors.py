@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from strata.catalog import ops
@@ -126,6 +127,25 @@ def test_non_empty_copy_target(run, final, unchanged, tmp_path):
     link.mkdir()
     bad(run, unchanged, "get", "--link", link, contains="--overwrite")
     assert not os.path.islink(link)
+
+
+def test_a_get_that_fails_leaves_no_half_copy(run, final, tmp_path, isolated_home):
+    blobs = sorted((Path(run.repo_url) / "blobs").rglob("*"))
+    victim = next(b for b in blobs if b.is_file())
+    good = victim.read_bytes()
+    victim.write_bytes(b"x" + good[1:])
+    copies = isolated_home / "cache" / "strata" / "copies"
+    dead = copies / f".{final}.999999999.tmp"   # left by a killed get
+    dead.mkdir(parents=True)
+    out, kept = tmp_path / "new", tmp_path / "empty"
+    kept.mkdir()
+    for args in (["--copy", out], ["--copy", kept], []):
+        assert_error(run("get", "--id", final, *args, ok=False), contains="corrupt")
+    assert not out.exists() and os.listdir(kept) == [] and os.listdir(copies) == []
+    victim.write_bytes(good)   # the same commands work again, with no --overwrite
+    for args in (["--copy", out], ["--copy", kept], []):
+        run("get", "--id", final, *args)
+    assert (out / "a.txt").read_text() == (kept / "a.txt").read_text() == "alpha\n"
 
 
 def test_get_never_replaces_the_repository_or_writes_into_it(run, final, unchanged):
