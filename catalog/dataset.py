@@ -109,6 +109,13 @@ class Dataset:
                metadata: dict | None = None) -> "Dataset":
         if not dataset_name or not dataset_project:
             raise BadArgument("a dataset needs a project and a name")
+        paths.text(dataset_project, "project")
+        paths.text(dataset_name, "dataset name")
+        if description is not None:
+            paths.text(description, "description")
+        dataset_tags = _strings(dataset_tags, "tag")
+        if isinstance(parent_datasets, (str, Dataset)):
+            parent_datasets = [parent_datasets]
         r = open_repo(repo, create=True)
         parents = []
         for p in parent_datasets or ():
@@ -574,17 +581,18 @@ class Dataset:
             self._record = self.repo.update_record(self.id, change)
 
     def add_tags(self, tags: Sequence[str]) -> None:
-        new = [t for t in tags]
+        new = _strings(tags, "tag")
         merged_tags = list(dict.fromkeys(self.tags + new))
         self._update({"tags": merged_tags},
                      lambda r: r.evolve(tags=tuple(dict.fromkeys(r.tags + tuple(new)))))
 
     def remove_tags(self, tags: Sequence[str]) -> None:
-        drop = set(tags)
+        drop = set(_strings(tags, "tag"))
         self._update({"tags": [t for t in self.tags if t not in drop]},
                      lambda r: r.evolve(tags=tuple(t for t in r.tags if t not in drop)))
 
     def set_description(self, description: str) -> None:
+        paths.text(description, "description")
         self._update({"description": description},
                      lambda r: r.evolve(description=description))
 
@@ -756,10 +764,23 @@ def _batches(cands: list[Candidate], max_files: int = 512, max_bytes: int = 16 <
 
 
 def _check_json(value: Any) -> None:
+    """Metadata is stored as standard JSON in UTF-8: no NaN or Infinity, no lone
+    surrogates (bytes that were not UTF-8)."""
+    if not isinstance(value, dict):
+        raise BadArgument(f"metadata must be a JSON object, got {type(value).__name__}")
     try:
-        json.dumps(value)
-    except (TypeError, ValueError) as e:
-        raise BadArgument(f"metadata must be JSON-serialisable: {e}") from None
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError) as e:   # UnicodeEncodeError is a ValueError
+        raise BadArgument(f"metadata must be standard JSON in UTF-8: {e}") from None
+
+
+def _strings(values, what: str) -> list[str]:
+    """A list of strings from a string or a sequence of them (a string is not split)."""
+    if values is None:
+        return []
+    if isinstance(values, str):
+        values = [values]
+    return [paths.text(v, what) for v in values]
 
 
 def _check_state(rec: VersionRecord, only_completed: bool, only_published: bool) -> None:

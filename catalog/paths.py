@@ -13,10 +13,25 @@ import posixpath
 from strata.catalog.errors import InvalidPath
 
 
+def text(value, what: str) -> str:
+    """`value` if it is a string that can be stored (UTF-8: names, paths and fields are
+    UTF-8 in manifests, records and object keys). A name read from a file system or a
+    command line that is not UTF-8 arrives with its bad bytes as surrogates."""
+    if not isinstance(value, str):
+        raise InvalidPath(f"{what} must be a string, got {type(value).__name__}")
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "surrogateescape")
+            raise InvalidPath(f"{what} {shown!r} is not valid UTF-8, which strata needs for "
+                              f"every name and text it stores") from None
+    return value
+
+
 def clean(path: str, *, what: str = "dataset path", allow_root: bool = False) -> str:
     """Normalise `path` (strip leading './' and trailing '/') and reject unsafe forms."""
-    if not isinstance(path, str):
-        raise InvalidPath(f"{what} must be a string, got {type(path).__name__}")
+    text(path, what)
     if "\x00" in path or "\\" in path:
         raise InvalidPath(f"{what} {path!r} contains a NUL or backslash")
     if path.startswith("/"):

@@ -161,12 +161,23 @@ def sync(state: State, dataset_id, folder, project, name, version, parents, tags
                 parents = (latest.id,)
             except UnknownVersion:
                 parents = ()  # the first version of this dataset
+        from strata.catalog import config
+        previous = config.last_touched(state.repo_url())
         ds = Dataset.create(name, project, parent_datasets=list(parents),
                             dataset_version=version, dataset_tags=list(tags),
                             description=description, repo=state.repo)
+    try:
+        removed, added, modified = ds.sync_folder(folder, dataset_path=dataset_folder,
+                                                  progress=state.progress())
+    except BaseException:
+        if not dataset_id:   # the draft made for this sync holds nothing: it goes too,
+            from strata.catalog.ops import delete   # and is not the last dataset touched
+            delete(ds.id, repo=ds.repo)
+            if previous:
+                config.remember_last(ds.repo.url, previous)
+        raise
+    if not dataset_id:
         output.info(state.quiet, f"created draft {describe(ds)}")
-    removed, added, modified = ds.sync_folder(folder, dataset_path=dataset_folder,
-                                              progress=state.progress())
     output.info(state.quiet, f"removed {removed}, added {added}, modified {modified}")
     if not skip_close:
         _close(state, ds, disable_upload=False)

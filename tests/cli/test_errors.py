@@ -88,6 +88,32 @@ def test_special_files_named_to_add_are_refused(run, unchanged, tmp_path):
     assert run.files("--id", vid) == {}
 
 
+def test_names_and_text_that_are_not_utf8_are_refused(run, final, unchanged, tmp_path):
+    src = tmp_path / "odd"
+    src.mkdir()
+    (src / "good.txt").write_text("good")
+    open(os.path.join(os.fsencode(src), b"bad\xffname"), "wb").close()
+    bad_text = os.fsdecode(b"x\xff")   # as a command line hands it over
+    draft = run.new_id("create", "--project", "p", "--name", "n")
+    bad(run, unchanged, "add", "--id", draft, "--files", src, contains="not valid UTF-8")
+    assert run.files("--id", draft) == {}
+    bad(run, unchanged, "sync", "--project", "p", "--name", "s", "--folder", src,
+        contains="not valid UTF-8")   # and the draft made for it is gone
+    bad(run, unchanged, "create", "--project", bad_text, "--name", "n",
+        contains="not valid UTF-8")
+    bad(run, unchanged, "tag", "--id", final, "--add", bad_text, contains="not valid UTF-8")
+    bad(run, unchanged, "set-description", "--id", final, "--description", bad_text,
+        contains="not valid UTF-8")
+    bad(run, unchanged, "metadata", "--id", final, "--set", '{"a": NaN}',
+        contains="standard JSON")
+
+
+def test_api_takes_one_tag_or_parent_as_a_string(repo_url, final):
+    ds = Dataset.create("n2", "p", parent_datasets=final, dataset_tags="train",
+                        repo=repo_url)
+    assert ds.tags == ["train"] and ds.parents == [final]
+
+
 def test_delete_parent_with_children(run, final, tmp_path, unchanged):
     write(tmp_path / "c", "c.txt", "c")
     child = run.version(tmp_path / "c", parents=[final])
