@@ -71,15 +71,41 @@ class Config:
     cache_size: int | None  # None: computed from free space when the cache opens
 
 
+_SETTINGS = {"repo": (str, "a string"), "cache_dir": (str, "a string"),
+             "cache_size": ((str, int), 'a size like "20G"')}
+
+
 def _file_settings() -> dict:
+    """The config file's settings, checked here so that a wrong one is reported naming
+    the file and the key rather than failing where it is used."""
     path = config_path()
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        data = path.read_bytes()
+        settings = tomllib.loads(data.decode())
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise BadArgument(f"cannot read config file {path}: line {line} is not UTF-8 text"
+                          ) from None
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise BadArgument(f"cannot read config file {path}: {e}") from None
+    for key, (_, expected) in _SETTINGS.items():
+        if key in settings and not _valid(key, settings[key]):
+            raise BadArgument(f"config file {path}: {key} = {settings[key]!r} is not "
+                              f"{expected}")
+    return settings
+
+
+def _valid(key: str, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, _SETTINGS[key][0]):
+        return False
+    if key != "cache_size":
+        return True
+    try:
+        return parse_size(value) >= 0
+    except BadArgument:
+        return False
 
 
 def load(repo: str | None = None) -> Config:
@@ -104,24 +130,41 @@ def _state_path() -> Path:
     return workspace_dir() / "state.json"
 
 
-def remember_last(repo_url: str, version_id: str) -> None:
-    """Remember the last dataset this user touched in `repo_url` (clearml-data's --id default)."""
+def _remembered() -> dict[str, str]:
+    """repo URL -> the last version touched there. A state file that cannot be read or
+    holds anything else counts as empty: it only supplies a default --id."""
     import json
-    path = _state_path()
     try:
-        state = json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
-        state = {}
-    state.setdefault("last", {})[repo_url] = version_id
-    path.parent.mkdir(parents=True, exist_ok=True)
+        state = json.loads(_state_path().read_text())
+    except (OSError, ValueError):
+        return {}
+    last = state.get("last") if isinstance(state, dict) else None
+    if not isinstance(last, dict):
+        return {}
+    return {url: vid for url, vid in last.items() if isinstance(vid, str)}
+
+
+def remember_last(repo_url: str, version_id: str) -> None:
+    """Remember the last dataset this user touched in `repo_url` (clearml-data's --id
+    default). Best effort: a command that did its work must not fail because this could
+    not be saved (a read-only or full workspace), so a failure is only logged."""
+    import json
+    last = _remembered()
+    last[repo_url] = version_id
+    path = _state_path()
     tmp = path.with_name(f".state.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"last": last}, indent=1))
+        os.replace(tmp, path)
+    except OSError as e:
+        import logging
+        logging.getLogger("strata.catalog").debug("last dataset not remembered: %s", e)
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
 
 
 def last_touched(repo_url: str) -> str | None:
-    import json
-    try:
-        return json.loads(_state_path().read_text()).get("last", {}).get(repo_url)
-    except (FileNotFoundError, ValueError):
-        return None
+    return _remembered().get(repo_url)

@@ -29,6 +29,17 @@ class BrokenHistory(CatalogError):
                          f"is among its own ancestors (its records were altered or damaged)")
 
 
+class DamagedRecord(CatalogError):
+    """A version record that cannot be read as one. Reading that version fails with it;
+    listings of many versions leave it out with a warning (catalog.ops.records)."""
+
+    def __init__(self, where: str, reason: str):
+        self.where = where
+        self.reason = reason
+        what = f"version record {where}" if where else "a version record"
+        super().__init__(f"{what} is damaged: {reason}")
+
+
 class WrongState(CatalogError):
     """The version is in a state that does not allow the operation (e.g. adding to a final one)."""
 

@@ -4,6 +4,7 @@ move and the version log."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from strata.catalog import layout
 from strata.catalog import draft as drafts
 from strata.catalog.blobs import iter_entry_bytes
 from strata.catalog.dataset import Dataset
-from strata.catalog.errors import (BadArgument, HasChildren, LabelTaken, UnknownVersion)
+from strata.catalog.errors import (BadArgument, DamagedRecord, HasChildren, LabelTaken,
+                                   UnknownVersion)
 from strata.catalog.merge import merge_parents
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, semver_key
@@ -22,12 +24,23 @@ from strata.storage.errors import StorageError
 
 GC_GRACE_SECONDS = 3600
 
+_log = logging.getLogger("strata.catalog")
+
 
 # ---- listing ---------------------------------------------------------------------------
-def records(repo) -> list[VersionRecord]:
+def records(repo, *, skip_damaged: bool = False) -> list[VersionRecord]:
+    """Every version record in `repo`. A listing passes `skip_damaged`: one damaged record
+    is then left out with a warning instead of hiding every version. Delete and gc do
+    not: a version they cannot read might hold the only reference to a blob."""
     out = []
     for vid in repo.all_version_ids():
-        rec = repo.try_record(vid)
+        try:
+            rec = repo.try_record(vid)
+        except DamagedRecord as e:
+            if not skip_damaged:
+                raise
+            _log.warning("skipping version %s: its record is damaged: %s", vid, e.reason)
+            continue
         if rec is not None:
             out.append(rec)
     return out
@@ -39,7 +52,7 @@ def list_datasets(project=None, partial_name=None, tags=None, ids=None, *,
     want_tags = set(tags or ())
     want_ids = set(ids or ())
     out = []
-    for rec in records(r):
+    for rec in records(r, skip_damaged=True):
         if project is not None and rec.project != project and \
                 not rec.project.startswith(project + "/"):
             continue

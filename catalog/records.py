@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any
 
-from strata.catalog.errors import BadArgument
+from strata.catalog.errors import BadArgument, DamagedRecord
 
 STATES = ("draft", "final", "published", "archived")
 COMPLETED = ("final", "published")
@@ -41,10 +41,27 @@ class VersionRecord:
         return json.dumps(d, indent=1, sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> "VersionRecord":
-        d = json.loads(data)
-        known = {f for f in cls.__dataclass_fields__}
-        d = {k: v for k, v in d.items() if k in known}
+    def from_json(cls, data: bytes, where: str = "") -> "VersionRecord":
+        """The record stored as `data`. Bytes that are not a record (cut short by a crash,
+        edited by hand) raise DamagedRecord naming `where` (the record's URL), so one
+        damaged record is a message about that record, not a failure deep inside a
+        command. Unknown keys are ignored: a newer strata may add some."""
+        try:
+            d = json.loads(data)
+        except (ValueError, RecursionError) as e:
+            raise DamagedRecord(where, f"not JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise DamagedRecord(where, "not a JSON object")
+        problems = []
+        for f in fields(cls):
+            if f.name not in d:
+                if f.default is MISSING and f.default_factory is MISSING:
+                    problems.append(f"no {f.name}")
+            elif not _has_type(d[f.name], f.type):
+                problems.append(f"{f.name} is not {_JSON_TYPES[f.type][1]}")
+        if problems:
+            raise DamagedRecord(where, ", ".join(problems))
+        d = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         d["parents"] = tuple(d.get("parents", ()))
         d["tags"] = tuple(d.get("tags", ()))
         return cls(**d)
@@ -55,6 +72,17 @@ class VersionRecord:
     @property
     def completed(self) -> bool:
         return self.state in COMPLETED
+
+
+_JSON_TYPES = {"str": (str, "a string"), "int": (int, "an integer"),
+               "float": ((int, float), "a number"), "dict[str, Any]": (dict, "an object"),
+               "tuple[str, ...]": (list, "a list of strings")}
+
+
+def _has_type(value, annotation: str) -> bool:
+    if isinstance(value, bool) or not isinstance(value, _JSON_TYPES[annotation][0]):
+        return False
+    return not isinstance(value, list) or all(isinstance(x, str) for x in value)
 
 
 _SEMVER = re.compile(r"^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)$")

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 
 from strata.catalog import config as config_mod
 from strata.catalog import layout
-from strata.catalog.errors import NotARepository, UnknownVersion
+from strata.catalog.errors import BadArgument, NotARepository, UnknownVersion
 from strata.catalog.manifest import Manifest
 from strata.catalog.records import VersionRecord
 from strata.storage import open_storage
@@ -26,6 +26,10 @@ from strata.storage.errors import Corrupt, NotFound, PreconditionFailed
 
 DEFAULT_CHUNK_SIZE = 8 << 20
 DEFAULT_PACK_SIZE = 64 << 20
+# Chunks and packs are built in memory, several at a time, so they must stay far below
+# memory; tiny ones make millions of objects (a 1-byte chunk size never finished adding).
+MIN_BLOCK_SIZE = 64 << 10
+MAX_BLOCK_SIZE = 1 << 30
 FORMAT_VERSION = 1
 CAS_ATTEMPTS = 50
 
@@ -60,14 +64,23 @@ class Repository:
                     f"{storage.url} is not a strata repository (no {layout.MARKER_KEY}); "
                     f"check the URL, or make an empty location one with "
                     f"'strata repo init {storage.url}'") from None
+            problem = size_problem(chunk_size, pack_size)
+            if problem:
+                raise BadArgument(problem)
             marker = cls._initialise(storage, chunk_size, pack_size)
         except ValueError:
             raise NotARepository(f"{storage.url}/{layout.MARKER_KEY} is not valid JSON") from None
+        if not isinstance(marker, dict):
+            raise NotARepository(f"{storage.url}/{layout.MARKER_KEY} is not a JSON object")
         if marker.get("format") != FORMAT_VERSION:
             raise NotARepository(f"{storage.url} has repository format "
                                  f"{marker.get('format')!r}; this strata reads {FORMAT_VERSION}")
-        return cls(storage, cache_dir=cache_dir, chunk_size=int(marker["chunk_size"]),
-                   pack_size=int(marker.get("pack_size", DEFAULT_PACK_SIZE)))
+        chunk_size = marker.get("chunk_size")
+        pack_size = marker.get("pack_size", DEFAULT_PACK_SIZE)
+        problem = size_problem(chunk_size, pack_size)
+        if problem:
+            raise NotARepository(f"{storage.url}/{layout.MARKER_KEY} is damaged: {problem}")
+        return cls(storage, cache_dir=cache_dir, chunk_size=chunk_size, pack_size=pack_size)
 
     @staticmethod
     def _initialise(storage: Storage, chunk_size: int, pack_size: int) -> dict:
@@ -90,7 +103,8 @@ class Repository:
         if not layout.is_version_id(version_id):
             raise UnknownVersion(f"{version_id!r} is not a version id (32 hex digits)")
         try:
-            return VersionRecord.from_json(self.storage.read(layout.record_key(version_id)))
+            key = layout.record_key(version_id)
+            return VersionRecord.from_json(self.storage.read(key), self.storage.url_for(key))
         except NotFound:
             raise UnknownVersion(f"no version {version_id} in {self.url}") from None
 
@@ -105,7 +119,7 @@ class Repository:
             data = self.storage.read(key)
         except NotFound:
             raise UnknownVersion(f"no version {version_id} in {self.url}") from None
-        return VersionRecord.from_json(data), etag
+        return VersionRecord.from_json(data, self.storage.url_for(key)), etag
 
     def try_record(self, version_id: str) -> VersionRecord | None:
         try:
@@ -283,6 +297,17 @@ class Repository:
 
     def delete_blob(self, blob_id: str) -> None:
         self.storage.delete(layout.blob_key(blob_id))
+
+
+def size_problem(chunk_size, pack_size) -> str | None:
+    """What is wrong with a chunk and pack size, or None when both are usable."""
+    for what, value in (("chunk size", chunk_size), ("pack size", pack_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{what} {value!r} is not a number of bytes"
+        if not MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE:
+            return (f"{what} of {value} bytes is out of range "
+                    f"({MIN_BLOCK_SIZE >> 10}K to {MAX_BLOCK_SIZE >> 30}G)")
+    return None
 
 
 # One Repository per (URL, cache folder) for the process. Here rather than with Dataset so

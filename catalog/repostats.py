@@ -70,8 +70,8 @@ def init_repository(url: str | None = None, *, chunk_size: int | None = None,
             f"{storage.url} is not empty (it holds {first!r}) and is not a strata "
             "repository; init an empty location instead (a new folder or prefix)")
     repo = Repository.open(target, create=True,
-                           chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                           pack_size=pack_size or DEFAULT_PACK_SIZE)
+                           chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+                           pack_size=DEFAULT_PACK_SIZE if pack_size is None else pack_size)
     return repo, True
 
 

@@ -20,15 +20,19 @@ appears once it is final.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
 from cachetools import LRUCache
 
 from strata.catalog import layout
+from strata.catalog.errors import DamagedRecord
 from strata.catalog.manifest import Entry
 from strata.catalog.records import VersionRecord, highest
 from strata.vfs.views import DIR, LINK, EntryReads, Node, VersionView, folder_node, moved
+
+log = logging.getLogger("strata.vfs")
 
 ALL_VERSIONS = "all"   # the version argument of a repository mount (not a version id)
 BY_ID, BY_NAME, LATEST = "by-id", "by-name", "latest"
@@ -70,7 +74,11 @@ class RepositoryView(EntryReads):
             return rec
         if not layout.is_version_id(vid):
             return None
-        rec = self.repo.try_record(vid)
+        try:
+            rec = self.repo.try_record(vid)
+        except DamagedRecord as e:   # one damaged record must not hide every version
+            log.warning("%s", e)
+            return None
         if rec is None or not rec.completed:
             return None
         with self._lock:
