@@ -20,8 +20,8 @@ from cachetools import LRUCache
 
 from strata.catalog import paths
 from strata.catalog.errors import BrokenHistory
-from strata.catalog.merge import parent_record
 from strata.catalog.manifest import DirEntry, Entry, Manifest
+from strata.catalog.merge import parent_record
 from strata.vfs.errors import NoEntry, NotADirectory
 
 DIR, FILE, LINK, EXTERNAL = "d", "f", "l", "x"
