@@ -683,6 +683,8 @@ class Dataset:
     def get_mutable_local_copy(self, target_folder: str | os.PathLike, overwrite: bool = False,
                                part: int | None = None, num_parts: int | None = None,
                                progress: Progress = NO_PROGRESS, **_ignored) -> str:
+        if not isinstance(target_folder, (str, os.PathLike)) or not os.fspath(target_folder):
+            raise BadArgument(f"target_folder must name a folder, got {target_folder!r}")
         from strata.catalog.materialize import mutable_copy
         return mutable_copy(self, str(target_folder), overwrite=overwrite, part=part,
                             num_parts=num_parts, progress=progress)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Sequence
 
-from strata.catalog import layout
+from strata.catalog import layout, paths
 from strata.catalog import draft as drafts
 from strata.catalog.blobs import iter_entry_bytes
 from strata.catalog.dataset import Dataset
@@ -330,7 +330,12 @@ def rename(project: str, name: str, *, new_name: str | None = None,
            new_project: str | None = None, repo=None) -> int:
     """Give every version of project/name a new name or project. Returns versions moved."""
     r = open_repo(repo)
+    if new_name == "" or new_project == "":
+        raise BadArgument("the new " + ("name" if new_name == "" else "project") +
+                          " is empty")
     to_project, to_name = new_project or project, new_name or name
+    paths.text(to_project, "project")
+    paths.text(to_name, "dataset name")
     if (to_project, to_name) == (project, name):
         raise BadArgument("the new name is the same as the old one")
     labels = r.labels(project, name)

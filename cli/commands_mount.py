@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import click
 from strata.catalog import config
+from strata.catalog.errors import WrongState
 from strata.cli import output
 from strata.cli.options import command, id_option, json_option, name_options
 from strata.cli.state import State, describe, pass_state, select
@@ -52,7 +53,7 @@ def mount(state: State, dataset_id, project, name, version, mountpoint, all_vers
     else:
         ds = select(state, dataset_id, project, name, version)
         if not ds.is_final():
-            raise click.UsageError(f"version {ds.id} is a draft; close it before mounting")
+            raise WrongState(f"version {ds.id} is a draft; close it before mounting")
         repo, vid, what = ds.repo, ds.id, describe(ds)
     if foreground:
         output.info(state.quiet, f"mounting {what} at {mountpoint} (Ctrl-C to unmount)")

@@ -24,7 +24,7 @@ import sys
 import click
 from strata import __version__
 from strata.cli.errors import CheckFailed
-from strata.cli.options import StrataCommand
+from strata.cli.options import StrataCommand, not_empty
 from strata.cli.state import State
 from strata.storage.errors import StrataError
 
@@ -110,7 +110,7 @@ def load_commands(group: click.Group, module: str) -> None:
 
 
 @click.group(cls=StrataGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--repo", metavar="URL",
+@click.option("--repo", metavar="URL", callback=not_empty,
               help="Repository URL (default: $STRATA_REPO, then the config file, then the "
                    "embedded local repository).")
 @click.option("--json", "as_json", is_flag=True,

@@ -65,7 +65,15 @@ def many(*decls: str, **kwargs) -> Callable:
 
 def id_option(help: str = "Version id (default: the last dataset you used in this "
                           "repository).", required: bool = False) -> Callable:
-    return click.option("--id", "dataset_id", metavar="ID", required=required, help=help)
+    return click.option("--id", "dataset_id", metavar="ID", required=required, help=help,
+                        callback=not_empty)
+
+
+def not_empty(ctx, param, value):
+    """An option given as '' (an unset shell variable) is an error, not its default."""
+    if value == "":
+        raise click.BadParameter("is empty", ctx=ctx, param=param)
+    return value
 
 
 def name_options(version: bool = True) -> Callable:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from strata.catalog import ops
 from strata.catalog.dataset import Dataset
+from strata.catalog.errors import BadArgument
 
 from tests.cli.conftest import assert_error, snapshot, write
 
@@ -196,6 +197,19 @@ def test_bad_label_and_taken_label(run, final, unchanged):
         contains="already has version 1.0.0")
 
 
+def test_rename_to_nothing_and_mount_of_a_draft_are_one_line(run, final, unchanged,
+                                                            tmp_path):
+    bad(run, unchanged, "rename", "--project", "p", "--name", "n", "--new-name", "",
+        contains="the new name is empty")
+    bad(run, unchanged, "move", "--project", "p", "--name", "n", "--new-project", "",
+        contains="the new project is empty")
+    draft = run.new_id("create", "--project", "p", "--name", "n")
+    (tmp_path / "mp").mkdir()
+    bad(run, unchanged, "mount", "--id", draft, tmp_path / "mp", contains="is a draft")
+    with pytest.raises(BadArgument, match="target_folder"):
+        Dataset.get(final, repo=run.repo_url).get_mutable_local_copy(None)
+
+
 def test_close_disable_upload_needs_upload(run, src, unchanged):
     run.new_id("create", "--project", "p", "--name", "n")
     run("add", "--files", src)
@@ -236,6 +250,10 @@ def test_usage_errors_exit_2(run, final):
     assert run("sync", "--folder", ".", ok=False).exit_code == 2
     assert run("add", ok=False).exit_code == 2
     assert run("no-such-command", ok=False).exit_code == 2
+    # an empty --id or --repo (an unset shell variable) is not their default
+    for args in (["list", "--id", ""], ["verify", "--id", ""]):
+        result = run(*args, ok=False)
+        assert result.exit_code == 2 and "'--id': is empty" in result.output
 
 
 def test_bug_exits_3_with_one_line(run, monkeypatch):
