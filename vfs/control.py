@@ -39,6 +39,11 @@ def serve(path: str, handlers: dict[str, Callable[..., dict]]) -> socket.socket:
                     reply = {"ok": op(**request)}
             except StrataError as e:
                 reply = {"error": str(e)}
+            except OSError as e:   # the machine's, not a bug: a full disk, a read-only one
+                log.warning("control request failed: %s", e)
+                where = f": {e.filename}" if e.filename else ""
+                reply = {"error": f"{e.strerror or e}{where} (pending changes are kept; "
+                                  f"run it again once this is resolved)"}
             except Exception as e:  # noqa: BLE001 - the boundary of the control channel
                 log.exception("control request failed")
                 reply = {"error": f"internal error in the mount server: {e!r}"}

@@ -85,6 +85,7 @@ QUIET = (NoEntry, NoAttribute, Exists, NotEmpty, Errno)   # normal operation: no
 # an OSError of the upper folder's own file system (ENOSPC, EDQUOT...) is passed on as it is
 PASSED_ON = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE,
                        errno.EROFS, errno.ENAMETOOLONG})
+SQLITE_FULL = 13       # sqlite3.Error.sqlite_errorcode of 'database or disk is full'
 RENAME_NOREPLACE = 1   # renameat2 flags (linux/fs.h)
 UNKNOWN_INO = 0xFFFFFFFF
 BLKSIZE = 1 << 20      # st_blksize: cp, tar and Python read in 1 MiB requests
@@ -114,6 +115,8 @@ def errno_of(exc: BaseException) -> int:
             return code
     if isinstance(exc, OSError) and exc.errno in PASSED_ON:
         return exc.errno
+    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:   # the overlay's journal
+        return errno.ENOSPC
     return errno.EIO
 
 

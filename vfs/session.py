@@ -87,9 +87,7 @@ class Session:
             raise MountError(
                 f"overlay {name} holds pending changes on version {base}; mount that "
                 f"version (or commit/discard them) to use another one")
-        self.state.setdefault("live", 1)
-        self.state.update(repo=repo.url, base=version_id)
-        self._save()
+        self._set(live=self.state.get("live", 1), repo=repo.url, base=version_id)
         self.fs = None   # the filesystem core whose view this session swaps
         self._drop([p for p in self.folder.iterdir()
                     if p.name[:1] == "g" and p.name[1:].isdigit()
@@ -111,10 +109,18 @@ class Session:
         except FileNotFoundError:
             return {}
 
-    def _save(self) -> None:
+    def _set(self, **changes) -> None:
+        """Change the state on disk, then in memory: a write that fails (a full disk)
+        leaves both as they were, so the operation can simply be run again."""
+        state = {**self.state, **changes}
         tmp = self.folder / f".state.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(self.state, indent=1))
-        os.replace(tmp, self.folder / "state.json")
+        try:
+            tmp.write_text(json.dumps(state, indent=1))
+            os.replace(tmp, self.folder / "state.json")
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+        self.state = state
 
     def _generation(self, n: int) -> Overlay:
         o = Overlay(self.folder / f"g{n}")
@@ -180,10 +186,7 @@ class Session:
             if not self.state.get("frozen"):
                 if self.live.is_empty():
                     raise MountError("nothing to commit: the mount has no pending changes")
-                self.state["frozen"] = self.state["live"]
-                self.state["live"] = self.state["live"] + 1
-                self.state["draft"] = None
-                self._save()
+                self._set(frozen=self.state["live"], live=self.state["live"] + 1, draft=None)
                 frozen = self.live
                 self._swap(frozen=self.state["frozen"])
                 frozen.wait_hashing()   # hashes under way finish sooner than new ones
@@ -193,15 +196,13 @@ class Session:
             child = open_child(parent, draft_id=self.state.get("draft"), name=name,
                                version=version, description=description, tags=tags)
             if not child.is_final():
-                self.state["draft"] = child.id
-                self._save()
+                self._set(draft=child.id)
                 stage_changes(child, changeset_of(frozen_view))
                 child.finalize(auto_upload=True)
             if frozen is not None:
                 frozen.stop_hashing()   # its files are in the child now
             old = self.state["frozen"]
-            self.state.update(base=child.id, frozen=None, draft=None)
-            self._save()
+            self._set(base=child.id, frozen=None, draft=None)
             self._swap()
             self._drop([self._generation_dir(old)])
             return child
@@ -213,8 +214,7 @@ class Session:
             dropped = len(self.live.rows())
             self.live.stop_hashing()
             old = self.state["live"]
-            self.state["live"] = old + 1
-            self._save()
+            self._set(live=old + 1)
             self._swap()
             self._drop([self._generation_dir(old)])
             return dropped

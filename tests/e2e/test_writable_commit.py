@@ -4,6 +4,7 @@ and in the middle of a commit), and mistakes that must fail in one line."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -296,6 +297,38 @@ def test_commit_with_nothing_pending_fails_in_one_line(build, mounts):
     assert versions(build.repo_url) == [vid]
     r = strata("discard", mnt)
     assert r.returncode == 0 and "discarded 0 pending changes" in r.stdout + r.stderr
+
+
+def test_a_full_disk_fails_writes_and_commit_with_enospc_and_keeps_the_changes(
+        build, mounts, tmp_path, monkeypatch):
+    vid = build.version({"a.txt": b"a\n"})
+    small = tmp_path / "small"   # the overlay and the workspace live here
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
+    try:
+        monkeypatch.setenv("XDG_DATA_HOME", str(small))
+        mnt = mounts.folder()
+        start_writable(mounts, vid, build.repo_url)
+        with pytest.raises(OSError) as e, open(mnt / "big.bin", "wb") as f:
+            for _ in range(64):
+                f.write(os.urandom(64 * 1024))
+        assert e.value.errno == errno.ENOSPC
+        with pytest.raises(OSError) as e:   # the overlay's journal is full too
+            (mnt / "hi.txt").write_bytes(b"hi\n")
+        assert e.value.errno == errno.ENOSPC
+        written = (mnt / "big.bin").read_bytes()
+        line = one_error_line(strata("commit", mnt), "No space left on device")
+        assert "pending changes are kept" in line
+        assert versions(build.repo_url) == [vid]
+        subprocess.run(["mount", "-o", "remount,size=64m", str(small)], check=True)
+        r = strata("commit", mnt)   # once there is room, the same changes are committed
+        assert r.returncode == 0, r.stderr
+        child = Dataset.get(dataset_project="p", dataset_name="n", repo=build.repo_url)
+        assert child.parents == [vid] and "big.bin" in child.list_files()
+        assert (mnt / "big.bin").read_bytes() == written
+        mounts.unmount(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_a_second_writable_mount_of_one_overlay_is_refused_in_one_line(build, mounts):
