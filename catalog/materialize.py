@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import threading
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -321,6 +322,32 @@ def local_copy(ds, *, part: int | None = None, num_parts: int | None = None,
     except OSError:  # another process finished the same copy first
         _rmtree_rw(str(tmp))
     return str(final)
+
+
+def copies_usage(cache_dir) -> tuple[int, int]:
+    """(versions, bytes) of the read-only copies `get` made in `cache_dir` (their files
+    are hard links to one object per content, counted once)."""
+    copies = Path(cache_dir) / "copies"
+    count = sum(1 for c in copies.iterdir() if not c.name.startswith(".")) \
+        if copies.is_dir() else 0
+    size = 0
+    for folder, _, files in os.walk(Path(cache_dir) / "objects"):
+        for name in files:
+            try:
+                size += os.lstat(os.path.join(folder, name)).st_size
+            except FileNotFoundError:
+                pass
+    return count, size
+
+
+def clear_copies(cache_dir) -> int:
+    """Remove every copy `get` made in `cache_dir` (and the objects they link to);
+    returns the bytes freed. A `get` makes its copy again when asked."""
+    freed = copies_usage(cache_dir)[1]
+    for sub in ("copies", "objects"):
+        if (Path(cache_dir) / sub).is_dir():
+            _rmtree_rw(str(Path(cache_dir) / sub))
+    return freed
 
 
 def _alive(pid: str) -> bool:

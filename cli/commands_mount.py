@@ -78,10 +78,13 @@ def cache():
 
 
 def _info(c) -> dict:
+    from strata.catalog.materialize import copies_usage
     units, used = c.usage()
     whole, whole_bytes = c.whole_usage()
+    copies, copies_bytes = copies_usage(c.root)
     return {"dir": str(c.root), "limit": c.limit, "units": units, "bytes": used,
             "whole_files": whole, "whole_bytes": whole_bytes,
+            "copies": copies, "copies_bytes": copies_bytes,
             "mounts": [m.mountpoint for m in mounts.all_mounts()]}
 
 
@@ -102,6 +105,10 @@ def cache_info(state: State, as_json):
         n = info["whole_files"]
         click.echo(f"whole:  {n} file{'' if n == 1 else 's'} kept whole "
                    f"({output.format_size(info['whole_bytes'])}), read by the kernel itself")
+    if info["copies"]:
+        n = info["copies"]
+        click.echo(f"copies: {n} version{'' if n == 1 else 's'} got with `strata get` "
+                   f"({output.format_size(info['copies_bytes'])}, outside the limit)")
     for m in info["mounts"]:
         click.echo(f"mount:  {m}")
 
@@ -121,10 +128,14 @@ def cache_prune(state: State, cache_size):
 @cache.command("clear")
 @pass_state
 def cache_clear(state: State):
-    """Remove every cached unit (running mounts fetch again what they need)."""
+    """Remove every cached unit (running mounts fetch again what they need) and the
+    read-only copies `strata get` made."""
+    from strata.catalog.materialize import clear_copies
     c = mounts.open_cache()
     freed = c.clear()
-    output.info(state.quiet, f"cleared {output.format_size(freed)}")
+    copies = clear_copies(c.root)
+    output.info(state.quiet, f"cleared {output.format_size(freed + copies)}"
+                             + (f" (copies: {output.format_size(copies)})" if copies else ""))
 
 
 COMMANDS = [mount, cache]

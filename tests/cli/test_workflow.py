@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 from strata.catalog import repo as repo_mod
 
@@ -213,3 +214,17 @@ def test_embedded_repository_by_default(src):
     repo_mod._repos.clear()
     found = json.loads(runner.invoke(cli, ["search", "--json"]).stdout)
     assert [d["id"] for d in found] == [vid]
+
+
+def test_cache_info_counts_and_clear_removes_the_copies_get_made(run, src):
+    vid = run.version(src)
+    where = run("get", "--id", vid).stdout.strip()
+    info = json.loads(run("cache", "info", "--json").stdout)
+    size = sum(f.stat().st_size for f in Path(src).rglob("*") if f.is_file())
+    assert info["copies"] == 1 and info["copies_bytes"] == size
+    assert "copies: 1 version got with `strata get`" in run("cache", "info").stdout
+    assert "(copies: " in run("cache", "clear").output
+    assert not os.path.exists(where)
+    assert json.loads(run("cache", "info", "--json").stdout)["copies"] == 0
+    assert run("get", "--id", vid).stdout.strip() == where   # made again when asked
+    assert (Path(where) / "a.txt").read_text() == "alpha\n"
