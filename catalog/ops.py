@@ -15,7 +15,7 @@ from strata.catalog import draft as drafts
 from strata.catalog.blobs import iter_entry_bytes
 from strata.catalog.dataset import Dataset
 from strata.catalog.errors import (BadArgument, DamagedRecord, HasChildren, LabelTaken,
-                                   UnknownVersion)
+                                   SourceMissing, UnknownVersion)
 from strata.catalog.merge import merge_parents
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, semver_key
@@ -157,6 +157,10 @@ def verify(ds: Dataset, *, local_copy_path: str | None = None, skip_hash: bool =
            progress: Progress = NO_PROGRESS) -> list[str]:
     """Check a version's stored bytes (or a local copy of it) against its manifest.
     Returns one line per problem; empty when all is well."""
+    if local_copy_path is not None and not os.path.isdir(local_copy_path):
+        raise SourceMissing(f"{local_copy_path} is not a folder" if
+                            os.path.exists(local_copy_path) else
+                            f"{local_copy_path} does not exist")
     view = ds.view()
     problems: list[str] = []
     entries = sorted(view.files.values(), key=lambda e: e.path)

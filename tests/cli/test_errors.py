@@ -226,6 +226,8 @@ def test_verify_reports_problems(run, final, tmp_path):
     assert sorted(result.stdout.splitlines()) == ["a.txt: size 8, expected 6", "d/b.txt: missing"]
     report = json.loads(run("verify", "--folder", out, "--json", ok=False).stdout)
     assert report["ok"] is False and len(report["problems"]) == 2
+    assert_error(run("verify", "--folder", tmp_path / "nowhere", ok=False),
+                 contains="nowhere does not exist")   # not each file "missing"
 
 
 def test_a_history_that_loops_is_refused_not_walked_forever(run, src, unchanged, tmp_path):
