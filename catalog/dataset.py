@@ -812,15 +812,8 @@ def _match_removal(view: MergedView, raw: str, recursive: bool) -> tuple[list[st
 
 
 def _local_drafts(repo_url: str, project: str, name: str) -> Iterable[drafts.Draft]:
-    folder = drafts.drafts_dir()
-    if not folder.exists():
-        return []
     found = []
-    for p in folder.glob("*.db"):
-        vid = p.stem
-        if not layout.is_version_id(vid):
-            continue
-        d = drafts.Draft(vid)
+    for d in drafts.open_all():
         if (d.get("repo"), d.get("project"), d.get("name")) == (repo_url, project, name):
             found.append((d.get("created", 0), d))
         else:

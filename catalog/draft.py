@@ -11,16 +11,19 @@ resumes from what the draft has recorded as placed.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from strata.catalog import config
+from strata.catalog import config, layout
 from strata.catalog.blobs import Placed, Staged
-from strata.catalog.errors import UnknownVersion
+from strata.catalog.errors import DamagedDraft, UnknownVersion
 from strata.catalog.manifest import DirEntry, Entry
+
+log = logging.getLogger("strata.catalog")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -58,10 +61,17 @@ class Draft:
         self.id = version_id
         self.path = path
         self.db = sqlite3.connect(str(path), timeout=30)
-        self.db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;" + SCHEMA)
-        columns = {r[1] for r in self.db.execute("PRAGMA table_info(entries)")}
-        if "stamp" not in columns:   # a draft begun by an earlier strata
-            self.db.execute("ALTER TABLE entries ADD COLUMN stamp TEXT")
+        try:
+            self.db.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;"
+                                  + SCHEMA)
+            columns = {r[1] for r in self.db.execute("PRAGMA table_info(entries)")}
+            if "stamp" not in columns:   # a draft begun by an earlier strata
+                self.db.execute("ALTER TABLE entries ADD COLUMN stamp TEXT")
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise
+            self.db.close()
+            raise DamagedDraft(version_id, path, str(e)) from None
 
     # ---- fields --------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
@@ -164,11 +174,32 @@ class Draft:
 
     def destroy(self) -> None:
         self.db.close()
-        for suffix in ("", "-wal", "-shm"):
-            try:
-                os.unlink(f"{self.path}{suffix}")
-            except FileNotFoundError:
-                pass
+        remove_files(self.id)
+
+
+def remove_files(version_id: str) -> None:
+    """Delete a draft's database files (a damaged one cannot be opened to destroy it)."""
+    path = draft_path(version_id)
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass
+
+
+def open_all() -> Iterator[Draft]:
+    """Every draft of this workspace that can be opened; a damaged one is left out with
+    a warning (it would hide all the others)."""
+    folder = drafts_dir()
+    if not folder.exists():
+        return
+    for p in sorted(folder.glob("*.db")):
+        if not layout.is_version_id(p.stem):
+            continue
+        try:
+            yield Draft(p.stem)
+        except DamagedDraft as e:
+            log.warning("%s", e)
 
 
 def _like_prefix(folder: str) -> str:

@@ -40,6 +40,14 @@ class DamagedRecord(CatalogError):
         super().__init__(f"{what} is damaged: {reason}")
 
 
+class DamagedDraft(CatalogError):
+    """A draft's local database cannot be read (cut short, overwritten)."""
+
+    def __init__(self, version_id: str, path, reason: str):
+        super().__init__(f"the local database of draft {version_id} ({path}) is damaged "
+                         f"({reason}); remove it with 'strata delete --id {version_id}'")
+
+
 class WrongState(CatalogError):
     """The version is in a state that does not allow the operation (e.g. adding to a final one)."""
 

@@ -14,8 +14,8 @@ from strata.catalog import layout, paths
 from strata.catalog import draft as drafts
 from strata.catalog.blobs import iter_entry_bytes
 from strata.catalog.dataset import Dataset
-from strata.catalog.errors import (BadArgument, DamagedRecord, HasChildren, LabelTaken,
-                                   SourceMissing, UnknownVersion)
+from strata.catalog.errors import (BadArgument, DamagedDraft, DamagedRecord, HasChildren,
+                                   LabelTaken, SourceMissing, UnknownVersion)
 from strata.catalog.merge import merge_parents
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, semver_key
@@ -83,13 +83,7 @@ def list_datasets(project=None, partial_name=None, tags=None, ids=None, *,
 
 
 def _drafts_of(repo_url: str):
-    folder = drafts.drafts_dir()
-    if not folder.exists():
-        return
-    for p in sorted(folder.glob("*.db")):
-        if not layout.is_version_id(p.stem):
-            continue
-        d = drafts.Draft(p.stem)
+    for d in drafts.open_all():
         if d.get("repo") == repo_url:
             yield d
         else:
@@ -266,7 +260,12 @@ def delete(dataset_id=None, project=None, name=None, *, force=False, dataset_ver
     for vid in targets:
         if vid not in all_recs:
             if layout.is_version_id(vid) and drafts.exists(vid):
-                d = drafts.Draft(vid)
+                try:
+                    d = drafts.Draft(vid)
+                except DamagedDraft:   # named by its id: it goes, whatever repository
+                    drafts.remove_files(vid)
+                    deleted.append(vid)
+                    continue
                 if d.get("repo") == r.url:
                     d.destroy()
                     deleted.append(vid)

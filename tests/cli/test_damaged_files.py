@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 
 import pytest
 from strata.catalog import config
@@ -158,3 +159,26 @@ def test_remembering_is_best_effort(run, src):
     assert os.path.isdir(run("get", "--id", vid).stdout.strip())
     run("create", "--project", "p", "--name", "other")
     assert sorted(os.listdir(config.workspace_dir())) == ["drafts", "state.json"]
+
+
+def test_a_damaged_draft_database_is_one_line_and_can_be_deleted(run, isolated_home):
+    # in processes of their own, as a user meets it (this one keeps its drafts open)
+    def cli(*args):
+        return run_process(*args, env_home=isolated_home, repo_url=run.repo_url)
+
+    broken = run.new_id("create", "--project", "p", "--name", "a")
+    fine = run.new_id("create", "--project", "p", "--name", "b")
+    db = config.workspace_dir() / "drafts" / f"{broken}.db"
+    for extra in ("-wal", "-shm"):
+        Path(f"{db}{extra}").unlink(missing_ok=True)
+    db.write_bytes(b"not a database" * 99)
+    listed = cli("search", "--all", "--json")
+    assert [d["id"] for d in json.loads(listed.stdout)] == [fine]   # the others still are
+    assert f"draft {broken}" in listed.stderr and listed.stderr.count("\n") == 1
+    for args in (["add", "--id", broken, "--files", "."], ["list", "--id", broken]):
+        r = cli(*args)
+        assert r.returncode == 1 and r.stderr.count("\n") == 1
+        assert f"remove it with 'strata delete --id {broken}'" in r.stderr
+    assert cli("delete", "--id", broken).returncode == 0
+    assert not db.exists()
+    assert [d["id"] for d in json.loads(cli("search", "--all", "--json").stdout)] == [fine]
