@@ -152,6 +152,10 @@ class Dataset:
             dataset_name: str | None = None, dataset_version: str | None = None,
             only_completed: bool = False, only_published: bool = False,
             repo: str | Repository | None = None) -> "Dataset":
+        for value, what in ((dataset_id, "dataset_id"), (dataset_project, "project"),
+                            (dataset_name, "dataset name"), (dataset_version, "version")):
+            if value is not None:
+                paths.text(value, what)
         r = open_repo(repo)
         if dataset_id:
             rec = r.try_record(dataset_id)
@@ -277,7 +281,7 @@ class Dataset:
         matches nothing, nothing is removed. Returns how many files were removed."""
         d = self._require_draft("remove files")
         view = self.view()
-        wanted = [dataset_path] if isinstance(dataset_path, str) else list(dataset_path)
+        wanted = _strings(dataset_path, "dataset path")
         plan = [(raw, *_match_removal(view, raw, recursive)) for raw in wanted]
         for raw, hits, folder in plan:
             if not hits and folder is None:
@@ -782,6 +786,8 @@ def _strings(values, what: str) -> list[str]:
         return []
     if isinstance(values, str):
         values = [values]
+    if not isinstance(values, (list, tuple, set, frozenset)):
+        raise BadArgument(f"expected a {what} or a list of them, got {values!r}")
     return [paths.text(v, what) for v in values]
 
 

@@ -94,7 +94,7 @@ def parse_semver(label: str) -> tuple[int, int, int] | None:
 
 
 def check_label(label: str) -> str:
-    if parse_semver(label) is None:
+    if not isinstance(label, str) or parse_semver(label) is None:
         raise BadArgument(f"version {label!r} is not a semantic version like 1.0.0")
     return label
 

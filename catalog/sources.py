@@ -35,7 +35,11 @@ class Candidate:
 def patterns_of(wildcard) -> list[str]:
     if not wildcard:
         return []
-    return [wildcard] if isinstance(wildcard, str) else list(wildcard)
+    if isinstance(wildcard, str):
+        return [wildcard]
+    if not isinstance(wildcard, (list, tuple)) or not all(isinstance(w, str) for w in wildcard):
+        raise BadArgument(f"wildcard must be a pattern or a list of them, got {wildcard!r}")
+    return list(wildcard)
 
 
 def collect(source: str, prefix: str, *, recursive: bool, wildcard,

@@ -11,6 +11,7 @@ import pytest
 from strata.catalog import ops
 from strata.catalog.dataset import Dataset
 from strata.catalog.errors import BadArgument
+from strata.storage.errors import StrataError
 
 from tests.cli.conftest import assert_error, snapshot, write
 
@@ -113,6 +114,19 @@ def test_api_takes_one_tag_or_parent_as_a_string(repo_url, final):
     ds = Dataset.create("n2", "p", parent_datasets=final, dataset_tags="train",
                         repo=repo_url)
     assert ds.tags == ["train"] and ds.parents == [final]
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda r: Dataset.get(dataset_id=123, repo=r), "dataset_id must be a string"),
+    (lambda r: Dataset.get(dataset_project=5, dataset_name=6, repo=r), "project must be"),
+    (lambda r: Dataset.create("n", "p", dataset_version=5, repo=r), "semantic version"),
+    (lambda r: Dataset.create("n", "p", repo=r).add_files(".", wildcard=5), "wildcard"),
+    (lambda r: Dataset.create("n", "p", repo=r).remove_files(5), "a list of them"),
+    (lambda r: Dataset.create("n", "p", repo=r).set_metadata([1]), "JSON object"),
+])
+def test_api_arguments_of_the_wrong_type_are_strata_errors(repo_url, call, message):
+    with pytest.raises(StrataError, match=message):
+        call(repo_url)
 
 
 def test_delete_parent_with_children(run, final, tmp_path, unchanged):
