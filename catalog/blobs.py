@@ -141,8 +141,9 @@ class Placed:
 
 
 def _changed(s: Staged, why: str) -> SourceChanged:
-    return SourceChanged(f"{s.source} {why} since it was added as {s.path!r}; "
-                         "add it again, then upload")
+    return SourceChanged(f"{s.source} {why} since it was added as {s.path!r}; add it "
+                         f"again, or take it out with 'strata remove --files {s.path}', "
+                         f"then close")
 
 
 def _open_source(s: Staged) -> tuple[int, bool]:

@@ -125,8 +125,12 @@ def test_file_vanished_before_upload_is_refused(tmp_path, repo_url):
     ds = Dataset.create("n", "p", repo=repo_url)
     ds.add_files(src)
     os.unlink(path)
-    with pytest.raises(SourceChanged, match="vanished"):
+    with pytest.raises(SourceChanged, match="vanished") as e:
         ds.upload()
+    assert "strata remove --files gone" in str(e.value)   # which does it
+    ds.remove_files("gone")
+    ds.finalize(auto_upload=True)
+    assert ds.list_files() == []
 
 
 def test_large_file_changed_is_refused(tmp_path, repo_url):
