@@ -13,6 +13,7 @@ import bisect
 import getpass
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,8 @@ HASH_WORKERS = max(2, os.cpu_count() or 2)   # hashing is CPU-bound: one per cor
 # 7.2-8.6 s); small files are mostly per-file Python work under the GIL, where more
 # threads only contend (100k tiny files: 4.6 s with two, 5.6-6.9 s with four).
 STORE_WORKERS = 2 * HASH_WORKERS
+
+log = logging.getLogger("strata.catalog")
 
 
 
@@ -554,6 +557,9 @@ class Dataset:
         # a label taken meanwhile (even an explicit one) gives way to the next patch
         while not self.repo.claim_label(f["project"], f["name"], label, self.id):
             label = bump_patch(label)
+        if label != f["version"] and f.get("version_explicit"):
+            log.warning("%s/%s %s was taken by another version while this draft was open; "
+                        "it is %s", f["project"], f["name"], f["version"], label)
         rec = VersionRecord(
             id=self.id, project=f["project"], name=f["name"], version=label,
             parents=tuple(f.get("parents", ())), state="final", tags=tuple(f.get("tags", ())),

@@ -68,6 +68,22 @@ def test_explicit_version_wins_and_taken_label_is_refused(tmp_path, repo_url):
     assert Dataset.create("n", "p", repo=repo_url).version == "2.3.5"
 
 
+def test_an_explicit_version_taken_while_the_draft_was_open_is_said(tmp_path, repo_url,
+                                                                     caplog):
+    write(tmp_path / "s", "f", "x")
+    first, second = (Dataset.create("n", "p", dataset_version="2.0.0", repo=repo_url)
+                     for _ in range(2))   # both open before either is closed
+    for ds in (first, second):
+        ds.add_files(tmp_path / "s")
+    with caplog.at_level("WARNING", logger="strata.catalog"):
+        first.finalize(auto_upload=True)
+        assert not caplog.records
+        second.finalize(auto_upload=True)
+    assert (first.version, second.version) == ("2.0.0", "2.0.1")
+    assert [r.getMessage() for r in caplog.records] == [
+        "p/n 2.0.0 was taken by another version while this draft was open; it is 2.0.1"]
+
+
 def test_final_version_refuses_changes(tmp_path, repo_url):
     write(tmp_path / "s", "f", "x")
     ds = Dataset.create("n", "p", repo=repo_url)
