@@ -48,7 +48,8 @@ def serve(path: str, handlers: dict[str, Callable[..., dict]]) -> socket.socket:
                 log.exception("control request failed")
                 reply = {"error": f"internal error in the mount server: {e!r}"}
             try:
-                conn.sendall(json.dumps(reply).encode() + b"\n")
+                # MSG_NOSIGNAL: a client gone (Ctrl-C) must not SIGPIPE the server
+                conn.sendall(json.dumps(reply).encode() + b"\n", socket.MSG_NOSIGNAL)
             except OSError:
                 pass
 

@@ -331,6 +331,21 @@ def test_a_full_disk_fails_writes_and_commit_with_enospc_and_keeps_the_changes(
         subprocess.run(["umount", "-l", str(small)], check=True)
 
 
+def test_a_control_client_that_hangs_up_leaves_the_server_running(build, mounts):
+    import socket
+    vid = build.version({"a.txt": b"a\n"})
+    mnt = mounts.folder()
+    info = start_writable(mounts, vid, build.repo_url)
+    (mnt / "b.txt").write_bytes(b"b\n")
+    for _ in range(3):   # as a `strata commit` interrupted by Ctrl-C does
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(mount_mod.registered(str(mnt)).control)
+            s.sendall(b'{"op": "status"}\n')
+    r = strata("status", mnt)   # answered after the server's reply found no one
+    assert r.returncode == 0 and "b.txt" in r.stdout, r.stderr
+    assert (mnt / "b.txt").read_bytes() == b"b\n" and alive(info.pid)
+
+
 def test_a_second_writable_mount_of_one_overlay_is_refused_in_one_line(build, mounts):
     """Two mount servers writing one overlay's journal would corrupt it."""
     vid = build.version({"a.txt": b"a\n"})
