@@ -820,24 +820,43 @@ class UnitCache:
         return freed
 
     def clear(self) -> int:
-        return self.evict(0)
+        return self.evict(0) + self._sweep_temps()
+
+    def _sweep_temps(self) -> int:
+        """Delete temp files (`.NAME.PID.TID.tmp`) whose process is gone (a crash, kill
+        -9), or an hour old; returns their bytes. Those of live processes are being
+        written."""
+        freed = 0
+        for folder in (self.units, self.files):
+            for sub in folder.iterdir() if folder.is_dir() else ():
+                for f in sub.iterdir() if sub.is_dir() else ():
+                    if not (f.name.startswith(".") and f.name.endswith(".tmp")):
+                        continue
+                    pid = f.name.rsplit(".", 3)[-3]
+                    try:
+                        st = f.stat()
+                        if (not pid.isdigit() or not os.path.exists(f"/proc/{pid}")
+                                or time.time() - st.st_mtime > 3600):
+                            f.unlink()
+                            freed += st.st_size
+                    except FileNotFoundError:
+                        pass
+        return freed
 
     def reconcile(self) -> tuple[int, int]:
         """Bring the index and the folder back in line after crashes: index files that
         have no row, drop rows whose file is gone. Returns (added, dropped)."""
         db = self._db()
         known = {r[0] for r in db.execute("SELECT id FROM units")}
+        self._sweep_temps()   # left by crashes
         present = {}
         for folder, prefix in ((self.units, ""), (self.files, WHOLE)):
             for sub in folder.iterdir():
                 if not sub.is_dir():
                     continue
                 for f in sub.iterdir():
-                    if f.name.startswith("."):
-                        if time.time() - f.stat().st_mtime > 3600:
-                            f.unlink(missing_ok=True)  # a temp file left by a crash
-                        continue
-                    present[prefix + f.name] = f.stat()
+                    if not f.name.startswith("."):
+                        present[prefix + f.name] = f.stat()
         added = [(u, st.st_size, st.st_atime) for u, st in present.items() if u not in known]
         dropped = [(u,) for u in known if u not in present]
         db.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?)", added)
@@ -1015,20 +1034,22 @@ class WholeFile:
             kept = sorted(self.taken - self.missing)
             self.taken.clear()
         first = kept[:1] == [0]
-        for idx in kept[1:] if first else kept:
-            self._keep_unit(idx)
-        if first:
-            try:
-                self.cache.adopt(self.ids[0], self.tmp, self.span(0)[1])
-                return
-            except OSError as e:
-                log.debug("whole copy of %s: first chunk not adopted in place: %s",
-                          self.key, e)
-                self._keep_unit(0)
         try:
-            os.unlink(self.tmp)
-        except FileNotFoundError:
-            pass
+            for idx in kept[1:] if first else kept:
+                self._keep_unit(idx)
+            if first:
+                try:
+                    self.cache.adopt(self.ids[0], self.tmp, self.span(0)[1])
+                    return
+                except Exception as e:  # noqa: BLE001 - a full disk: OSError, or SQLite's
+                    log.debug("whole copy of %s: first chunk not adopted in place: %s",
+                              self.key, e)
+                    self._keep_unit(0)
+        finally:   # whatever failed above, the temp file goes (adopted, it is gone)
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
 
     def _keep_unit(self, idx: int) -> None:
         """Store chunk `idx` as a unit file, read back from the temp file and verified."""
@@ -1037,5 +1058,5 @@ class WholeFile:
             data = read_verified(self.tmp, unit, size, offset)
             if data is not None:
                 self.cache.store(unit, data)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a full disk: OSError, or SQLite's
             log.warning("could not keep chunk %s in the cache: %s", unit, e)

@@ -769,3 +769,23 @@ def test_chunks_cached_as_units_move_into_a_whole_copy(repo_url, tmp_path, mount
     assert m.counting.calls["read"] == 0 and m.counting.calls["read_range"] == 0
     wait_until(lambda: not any(m.cache.path_of(c).exists() for c in entry.chunk_ids),
                "the units dropped")
+
+
+def test_clear_and_prune_sweep_temp_files_of_dead_processes_only(tmp_path):
+    from strata.storage.cache import UnitCache
+    cache = UnitCache(tmp_path / "c", 1 << 30)
+    dead_pid = 2 ** 22 + 12345   # above pid_max's default: no such process
+    left = []
+    for folder in (cache.units, cache.files):   # a crashed whole copy, a crashed unit
+        (folder / "ab").mkdir(parents=True, exist_ok=True)
+        dead = folder / "ab" / f".ab12.{dead_pid}.77.tmp"
+        live = folder / "ab" / f".ab34.{os.getpid()}.77.tmp"   # being written now
+        dead.write_bytes(b"x" * 1000)
+        live.write_bytes(b"y")
+        left.append((dead, live))
+    assert cache.clear() == 2000
+    assert all(not dead.exists() and live.exists() for dead, live in left)
+    left[0][0].write_bytes(b"x")
+    cache.reconcile()
+    assert not left[0][0].exists() and left[0][1].exists()
+    cache.close()
