@@ -7,6 +7,7 @@ import click
 from strata.catalog import config
 from strata.catalog.errors import WrongState
 from strata.cli import output
+from strata.cli.errors import CheckFailed
 from strata.cli.options import command, id_option, json_option, name_options
 from strata.cli.state import State, describe, pass_state, select
 from strata.vfs import mount as mounts
@@ -123,6 +124,24 @@ def cache_prune(state: State, cache_size):
     freed = c.evict()
     output.info(state.quiet, f"pruned {output.format_size(freed)}; index repaired "
                        f"(+{added} -{dropped})")
+
+
+@cache.command("verify")
+@pass_state
+def cache_verify(state: State):
+    """Hash every cached unit and whole file again; remove the damaged ones (exit 1)."""
+    c = mounts.open_cache()
+    checked, size, damaged, unchecked = c.verify()
+    for unit in damaged:
+        click.echo(f"removed damaged {unit}")
+    note = f"; {unchecked} whole files made by an older strata not checked" if unchecked \
+        else ""
+    summary = (f"checked {checked} units ({output.format_size(size)}): "
+               f"{len(damaged) or 'none'} damaged{note}")
+    if damaged:
+        raise CheckFailed(summary + " (removed: they are fetched again when read; running "
+                                    "mounts may hold them in memory until remounted)")
+    output.info(state.quiet, summary)
 
 
 @cache.command("clear")

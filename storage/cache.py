@@ -822,6 +822,35 @@ class UnitCache:
     def clear(self) -> int:
         return self.evict(0) + self._sweep_temps()
 
+    def verify(self) -> tuple[int, int, list[str], int]:
+        """Hash every unit again against its name, and every whole copy chunk by chunk
+        (`parts`): bytes verified when stored can rot on disk or be torn by a crash, and
+        a cached unit is served without being hashed again (a whole copy is read by the
+        kernel itself). Damaged ones are removed: the next read fetches them again.
+        Returns (units checked, their bytes, damaged ids, whole copies not checkable:
+        made before `parts` was kept)."""
+        db = self._db()
+        rows = db.execute("SELECT id, size FROM units").fetchall()
+        damaged, unchecked = [], 0
+        for unit, size in rows:
+            path = self._file(unit)
+            if unit.startswith(WHOLE):
+                parts = db.execute("SELECT unit, offset, size FROM parts WHERE whole=?",
+                                   (unit,)).fetchall()
+                if not parts:
+                    unchecked += 1
+                    continue
+                intact = on_file(path, lambda fd: os.fstat(fd).st_size) == size and all(
+                    read_verified(path, u, n, off) is not None for u, off, n in parts)
+            else:
+                intact = read_verified(path, unit, size) is not None
+            if not intact:
+                damaged.append(unit)
+                with self._lock:
+                    self._hot_drop(unit)
+                self._unlink(db, unit)
+        return len(rows), sum(size for _, size in rows), damaged, unchecked
+
     def _sweep_temps(self) -> int:
         """Delete temp files (`.NAME.PID.TID.tmp`) whose process is gone (a crash, kill
         -9), or an hour old; returns their bytes. Those of live processes are being

@@ -380,3 +380,27 @@ def test_a_child_version_that_appended_to_a_large_file_fetches_only_its_new_chun
         mounts.unmount(b)
     # the two new chunks: all ten without the parent's whole copy serving the others
     assert gets == 2, gets
+
+
+def test_cache_verify_removes_damaged_units_and_whole_copies(build, mounts):
+    rng = random.Random(10)
+    big, small = rng.randbytes(CHUNK * 3 + 5), b"small file\n" * 10
+    vid = build.version({"big.bin": big, "small.txt": small})
+    mnt = mounts.folder()
+    mounts.start(vid, build.repo_url)
+    assert (mnt / "big.bin").read_bytes() == big and (mnt / "small.txt").read_bytes() == small
+    key = whole_key(entry(build.repo_url, vid, "big.bin").chunks)
+    wait_for(lambda: "file-" + key in cached_units(), READY, "a whole copy of big.bin")
+    mounts.unmount(mnt)
+    unit = entry(build.repo_url, vid, "small.txt").sha256
+    assert strata("cache", "verify").returncode == 0
+    for path in (cache_dir() / "files" / key[:2] / key, cache_dir() / "units" / unit[:2] / unit):
+        raw = bytearray(path.read_bytes())   # bits rotted on the cache's disk
+        raw[len(raw) // 2] ^= 1
+        path.write_bytes(bytes(raw))
+    r = strata("cache", "verify")
+    assert r.returncode == 1 and "2 damaged" in r.stderr
+    assert sorted(r.stdout.split()[2::3]) == sorted(["file-" + key, unit])
+    assert "file-" + key not in cached_units() and unit not in cached_units()
+    mounts.start(vid, build.repo_url)   # fetched and verified again
+    assert (mnt / "big.bin").read_bytes() == big and (mnt / "small.txt").read_bytes() == small
