@@ -35,14 +35,16 @@ def status(state: State, mountpoint, as_json):
     if state.want_json(as_json):
         output.as_json(st)
         return
-    for c in st["changes"]:
+    frozen = st.get("committing_changes", [])   # frozen by a commit that did not finish
+    for c in frozen + st["changes"]:
         line = f"{MARKS[c['change']]} {c['path']}"
         if "from" in c:
             line += f" <- {c['from']}"
         click.echo(line)
-    what = "nothing to commit" if not st["changes"] else f"{len(st['changes'])} changes"
-    extra = " (a commit is in progress: run 'strata commit' to finish it)" \
-        if st["committing"] else ""
+    total = len(frozen) + len(st["changes"])
+    what = "nothing to commit" if not total else f"{total} changes"
+    extra = f" ({len(frozen)} of them in a commit in progress: run 'strata commit' to " \
+        f"finish it)" if st["committing"] else ""
     output.info(state.quiet, f"on version {st['base']}: {what}{extra}")
 
 

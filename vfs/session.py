@@ -176,8 +176,10 @@ class Session:
     def status(self) -> dict:
         with self._lock:
             view = self.fs.view if self.fs is not None else self.build_view()
+            frozen = changes_of(view.lower) if self.state.get("frozen") else []
             return {"base": self.state["base"], "committing": bool(self.state.get("frozen")),
-                    "changes": [c.as_dict() for c in changes_of(view)]}
+                    "changes": [c.as_dict() for c in changes_of(view)],
+                    "committing_changes": [c.as_dict() for c in frozen]}
 
     # ---- commit / discard --------------------------------------------------------------
     def commit(self, *, name=None, version=None, description=None, tags=None) -> Dataset:

@@ -227,6 +227,9 @@ def test_kill_9_during_a_commit_then_commit_again_gives_one_child(env, moment):
     remount(env)
     st = status(env.mnt)
     assert st["committing"] is True
+    # the changes the commit froze are listed (it said "nothing to commit")
+    assert {"change": "added", "path": "huge.bin"} in st["committing_changes"]
+    assert "huge.bin" in strata("status", env.mnt).stdout
     assert tree(env.mnt) == tree(env.local)     # the frozen changes are still served
     r = strata("commit", env.mnt)
     assert r.returncode == 0, r.stderr
