@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from strata.storage import directio
-from strata.storage.errors import Corrupt
+from strata.storage.errors import Corrupt, Unreachable
 
 log = logging.getLogger("strata.cache")
 
@@ -56,6 +56,10 @@ WHOLE = "file-"             # index id prefix of whole files
 TOUCH_INTERVAL = 30.0      # seconds between access-time updates of one unit in the index
 PASSED_KEEP = 32 << 20     # bytes of units a sequential reader went past kept in memory
 WRITE_BACKLOG = 64 << 20   # bytes fetched and not yet on disk beyond which readahead waits
+# seconds a unit whose fetch found the store unreachable fails again at once: the kernel
+# sends a failed read again straight away (its readahead, then the read itself), and each
+# would wait out the whole retry budget against a stalled store
+FAILURE_MEMORY = 1.0
 EVICT_BATCH = 256
 T = TypeVar("T")
 
@@ -228,6 +232,7 @@ class UnitCache:
         self.stats = CacheStats()
         self._lock = threading.Lock()
         self._inflight: dict[str, Future] = {}
+        self._failed: dict[str, tuple[float, Unreachable]] = {}   # unit -> (when, error)
         self._pins: dict[str, int] = {}
         self._touched: dict[str, float] = {}
         self._local = threading.local()
@@ -552,6 +557,20 @@ class UnitCache:
                 self._inflight.pop(unit, None)
 
     def _fetch_verified(self, unit: str, fetch: Callable[[], bytes], what: str) -> bytes:
+        with self._lock:
+            failed = self._failed.get(unit)
+        if failed is not None and time.monotonic() - failed[0] < FAILURE_MEMORY:
+            raise failed[1]
+        try:
+            return self._fetch_verified_now(unit, fetch, what)
+        except Unreachable as e:   # retries used up: a store down or stalled
+            with self._lock:
+                if len(self._failed) >= 1024:
+                    self._failed.clear()
+                self._failed[unit] = (time.monotonic(), e)
+            raise
+
+    def _fetch_verified_now(self, unit: str, fetch: Callable[[], bytes], what: str) -> bytes:
         for _ in range(2):
             data = fetch()
             with self._lock:

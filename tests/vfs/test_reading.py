@@ -10,6 +10,7 @@ import time
 import pytest
 
 from strata.catalog import Dataset, layout
+from strata.storage import cache as cache_mod
 from strata.storage.errors import Corrupt, Unreachable
 from strata.storage.retry import RetryingStorage
 from strata.vfs.errors import IsADirectory, NoEntry, ReadOnly
@@ -450,7 +451,8 @@ def test_corrupt_blob_is_refetched_once_then_refused_and_never_cached(repo_url, 
             assert hashlib.sha256(unit.read_bytes()).hexdigest() == unit.name
 
 
-def test_failing_storage_gives_bounded_retries_then_an_error(repo_url, tmp_path, mounted):
+def test_failing_storage_gives_bounded_retries_then_an_error(repo_url, tmp_path, mounted,
+                                                              monkeypatch):
     data = os.urandom(CHUNK * 2)
     ds = make(repo_url, tmp_path, {"big": data})
     faulty = {}
@@ -470,7 +472,13 @@ def test_failing_storage_gives_bounded_retries_then_an_error(repo_url, tmp_path,
     assert time.monotonic() - start < 5
     # 4 attempts for the chunk read, and at most 4 for the one readahead scheduled
     assert faulty["f"].calls["read"] in (4, 8)
-    faulty["f"].failures = 0                         # the store heals: reads work again
+    faulty["f"].failures = 0                         # the store heals
+    # the kernel asks again at once after a failed read: answered with the same error,
+    # not with a second wait of the whole retry budget
+    with pytest.raises(Unreachable):
+        m.fs.read_path("big", 0, 10)
+    assert faulty["f"].calls["read"] in (4, 8)
+    monkeypatch.setattr(cache_mod, "FAILURE_MEMORY", 0)   # a moment later: reads work
     assert m.fs.read_path("big", 0, 10) == data[:10]
 
 
