@@ -81,7 +81,10 @@ ERRNO: list[tuple[type[BaseException], int]] = [
     (StorageError, errno.EIO),
     (CatalogError, errno.EIO),
 ]
-QUIET = (NoEntry, NoAttribute, Exists, NotEmpty, Errno)   # normal operation: not logged
+# answers to what a caller asked (a hard link, a write on a read-only mount): normal
+# operation, not logged (git alone tries hundreds of hard links)
+QUIET = (NoEntry, NoAttribute, Exists, NotEmpty, NotPermitted, ReadOnly, NotADirectory,
+         IsADirectory, Errno)
 # an OSError of the upper folder's own file system (ENOSPC, EDQUOT...) is passed on as it is
 PASSED_ON = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE,
                        errno.EROFS, errno.ENAMETOOLONG})

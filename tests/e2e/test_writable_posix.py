@@ -8,6 +8,7 @@ import ctypes
 import errno
 import fcntl
 import os
+from pathlib import Path
 import random
 import subprocess
 
@@ -292,6 +293,7 @@ def test_hard_links_and_chown_to_another_user_are_eperm(env):
     r = run("ln", m / "lower.txt", m / "hard", cwd=m, check=False)
     assert r.returncode != 0 and "Operation not permitted" in r.stderr
     assert env.pending() == []
+    assert " ERROR " not in Path(env.info.log).read_text()   # answers, not server errors
 
 
 def test_read_your_writes_across_handles_and_the_version_xattr(env):
