@@ -12,9 +12,9 @@ import hashlib
 import os
 import shutil
 import threading
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
 from strata.catalog import paths

@@ -560,7 +560,7 @@ class UnitCache:
         with self._lock:
             failed = self._failed.get(unit)
         if failed is not None and time.monotonic() - failed[0] < FAILURE_MEMORY:
-            raise failed[1]
+            raise Unreachable(failed[1].url, failed[1].detail)   # a new one per raise
         try:
             return self._fetch_verified_now(unit, fetch, what)
         except Unreachable as e:   # retries used up: a store down or stalled
