@@ -459,7 +459,8 @@ def iter_entry_bytes(repo, entry: Entry) -> Iterator[bytes]:
         raise WrongState(f"{entry.path} has not been uploaded yet; run upload first")
     if entry.pack:
         yield verified(repo, entry.pack,
-                       lambda: repo.read_blob(entry.pack, entry.offset, entry.size),
+                       lambda: repo.read_blob(entry.pack, entry.offset, entry.size,
+                                              exact=True),
                        entry.sha256, entry.path)
         return
     for cid in entry.chunk_ids:

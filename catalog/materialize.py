@@ -84,13 +84,13 @@ def fetch(repo, entries: list[Entry], sink: Callable[[Entry, list[bytes]], None]
     other = [e for e in entries if e.kind in ("f", "x") and not e.pack]
 
     def do_span(span: _Span) -> None:
-        data = repo.read_blob(span.pack, span.start, span.end - span.start)
+        data = repo.read_blob(span.pack, span.start, span.end - span.start, exact=True)
         for e in span.members:
             lo = e.offset - span.start
             piece = data[lo:lo + e.size]
             if hashlib.sha256(piece).hexdigest() != e.sha256:
-                piece = verified(repo, e.pack, lambda e=e: repo.read_blob(e.pack, e.offset,
-                                                                         e.size),
+                piece = verified(repo, e.pack, lambda e=e: repo.read_blob(
+                                     e.pack, e.offset, e.size, exact=True),
                                  e.sha256, e.path)
             sink(e, [piece])
             progress.advance(e.size)

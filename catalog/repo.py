@@ -283,11 +283,20 @@ class Repository:
         if flush is not None:
             flush()
 
-    def read_blob(self, blob_id: str, offset: int = 0, length: int | None = None) -> bytes:
+    def read_blob(self, blob_id: str, offset: int = 0, length: int | None = None, *,
+                  exact: bool = False) -> bytes:
+        """A blob, or `length` bytes of it from `offset` (fewer where it ends first). With
+        `exact`, a blob that ends before `offset + length` (cut short in storage) raises
+        `Corrupt` saying so, instead of returning bytes that fail their hash."""
         key = layout.blob_key(blob_id)
         if length is None:
             return self.storage.read(key)
-        return self.storage.read_range(key, offset, length)
+        data = self.storage.read_range(key, offset, length)
+        if exact and len(data) < length:
+            raise Corrupt(self.storage.url_for(key),
+                          f"blob is cut short: it ends at byte {offset + len(data)}, "
+                          f"bytes {offset}-{offset + length - 1} were expected")
+        return data
 
     def blob_ids(self) -> Iterator[tuple[str, int, float | None]]:
         for info in self.storage.list("blobs/"):

@@ -7,6 +7,11 @@ once, because asking again cannot change their answer. Each call is bounded twic
 `STRATA_RETRY_SECONDS` environment variable). Past either bound the call raises
 `Unreachable`, naming the URL and the last error.
 
+The default of `ATTEMPTS` waits out a store that refuses connections for a few seconds (a
+MinIO or proxy restart: its sleeps add up to 4.6-9.2 s), so a mount's readers and a long
+upload ride through it; a store that is down for good is reported after that long, not
+after the whole 30 s.
+
 The wrapper cannot interrupt an attempt that is stuck inside a backend; each backend bounds
 its own attempts with socket timeouts taken from `attempt_timeout`: the backend's default
 (10 s to connect, 60 s per socket read) cut down to the retry budget, but never below
@@ -32,6 +37,7 @@ from strata.storage.base import ObjectInfo, Storage
 from strata.storage.errors import PreconditionFailed, StrataError, Transient, Unreachable
 
 DEFAULT_TOTAL_SECONDS = 30.0
+ATTEMPTS = 10   # the first try and nine retries: sleeps of 0.05, 0.1, ... capped at 2 s
 RETRY_SECONDS_ENV = "STRATA_RETRY_SECONDS"
 MIN_ATTEMPT_SECONDS = 5.0  # no socket timeout below this: a slow but live store must pass
 
@@ -66,7 +72,7 @@ class RetryingStorage:
     Thread-safe if the inner backend is: it keeps no state between calls.
     """
 
-    def __init__(self, inner: Storage, attempts: int = 5, base_delay: float = 0.05,
+    def __init__(self, inner: Storage, attempts: int = ATTEMPTS, base_delay: float = 0.05,
                  max_delay: float = 2.0, total_seconds: float | None = None, *,
                  sleep: Callable[[float], None] = time.sleep,
                  clock: Callable[[], float] = time.monotonic):

@@ -436,7 +436,7 @@ class Reader:
         def fetch() -> bytes:
             if asked:
                 self.windows.forget(entry.pack)
-                return self.repo.read_blob(entry.pack, entry.offset, entry.size)
+                return self.repo.read_blob(entry.pack, entry.offset, entry.size, exact=True)
             asked.append(True)
             return self.windows.fetch(entry.pack, entry.offset, entry.size)
         return fetch, f"{entry.path} (pack {entry.pack})"

@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import random
-import socket
 import threading
 import time
 from pathlib import Path
@@ -18,6 +17,7 @@ from strata.catalog.repo import Repository
 from strata.storage.retry import MIN_ATTEMPT_SECONDS
 from tests.conftest import MotoServer, apply_s3_env
 from tests.e2e.conftest import CHUNK, EXIT, Builder, alive, in_proc_mounts, wait_for
+from tests.proxy import Proxy
 
 RETRY_SECONDS = 3
 # A failed read waits out the retry bound once per FUSE request the kernel sends for it
@@ -74,48 +74,10 @@ def test_s3_server_killed_mid_read(monkeypatch, mounts, tmp_path):
         server.close()
 
 
-class StallingProxy:
-    """Forwards 127.0.0.1 connections to `upstream` until `stall` is set; from then on
-    it forwards nothing, in either direction, on new or open connections (a store that
-    hangs, as opposed to one that is gone)."""
-
-    def __init__(self, upstream_port: int):
-        self.upstream = upstream_port
-        self.stall = False
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.endpoint_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.conns: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.upstream))
-            self.conns += [client, server]
-            for a, b in ((client, server), (server, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                if not self.stall:
-                    dst.sendall(data)
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        self.sock.close()
-        for conn in self.conns:
-            conn.close()
-
-
 def test_a_stalled_store_fails_a_read_once_within_the_attempt_timeout(monkeypatch, mounts,
                                                                       tmp_path):
     server = MotoServer().start()
-    proxy = StallingProxy(int(server.endpoint_url.rsplit(":", 1)[1]))
+    proxy = Proxy(int(server.endpoint_url.rsplit(":", 1)[1]))
     try:
         apply_s3_env(monkeypatch, {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url})
         monkeypatch.setenv("STRATA_RETRY_SECONDS", "2")   # attempts of MIN_ATTEMPT_SECONDS
@@ -135,6 +97,45 @@ def test_a_stalled_store_fails_a_read_once_within_the_attempt_timeout(monkeypatc
         # one attempt's socket timeout, not one per request the kernel sent for the read
         assert MIN_ATTEMPT_SECONDS - 0.5 < elapsed < 1.6 * MIN_ATTEMPT_SECONDS, elapsed
         proxy.stall = False
+        mounts.unmount(mnt)
+    finally:
+        proxy.close()
+        server.close()
+
+
+def test_a_read_waits_out_a_store_restarting(monkeypatch, mounts, tmp_path):
+    # The store resets every connection (a restart behind its address) for longer than the
+    # old policy's five attempts lasted (~0.75 s); a read made meanwhile gets its bytes
+    # once the store is back, instead of EIO.
+    server = MotoServer().start()
+    proxy = Proxy(int(server.endpoint_url.rsplit(":", 1)[1]))
+    try:
+        apply_s3_env(monkeypatch, {**server.env(), "AWS_ENDPOINT_URL": proxy.endpoint_url})
+        url = f"s3://{server.make_bucket()}/repo"
+        Repository.open(url, create=True, chunk_size=CHUNK)
+        files = {"a.txt": b"a\n", "b.txt": random.Random(4).randbytes(3000)}
+        vid = Builder(url, tmp_path).version(files)
+        mnt = mounts.folder()
+        mounts.start(vid, url)
+        assert (mnt / "a.txt").read_bytes() == b"a\n"
+
+        proxy.refuse()
+        got: dict[str, object] = {}
+
+        def read() -> None:
+            try:
+                got["bytes"] = (mnt / "b.txt").read_bytes()
+            except OSError as exc:
+                got["error"] = exc
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        # seven attempts turned away, at least two past the old bound: the read still waits
+        wait_for(lambda: proxy.refused >= 7 or got, 30, "the reader's attempts")
+        assert not got, f"the read ended while the store was down: {got}"
+        proxy.accept()
+        reader.join(30)
+        assert got == {"bytes": files["b.txt"]}
         mounts.unmount(mnt)
     finally:
         proxy.close()

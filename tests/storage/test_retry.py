@@ -70,6 +70,32 @@ def test_a_stalled_store_is_bounded_in_wall_clock_time(local) -> None:
     assert faulty.calls["read"] < 10
 
 
+def test_a_store_restarting_for_four_seconds_is_waited_out(local) -> None:
+    # A store refusing connections while it restarts (4 s here): the default policy waits
+    # for it; a store still down after that is reported unreachable before the 30 s bound.
+    local.write("k", b"data")
+    now = [0.0]
+
+    class Restarting(FaultyStorage):
+        back_at = 4.0
+
+        def _call(self, method, key, forward):
+            if now[0] >= self.back_at:
+                self.failures = 0
+            return super()._call(method, key, forward)
+
+    faulty = Restarting(local, failures=1000)
+    storage = RetryingStorage(faulty, sleep=lambda s: now.__setitem__(0, now[0] + s),
+                              clock=lambda: now[0])
+    assert storage.read("k") == b"data"
+    assert 4.0 <= now[0] < 9.2
+
+    now[0], faulty.failures, faulty.back_at = 0.0, 1000, float("inf")
+    with pytest.raises(Unreachable, match="10 attempts"):
+        storage.read("k")
+    assert 4.6 <= now[0] <= 9.2
+
+
 def test_wall_clock_bound_comes_from_the_environment(local, monkeypatch) -> None:
     monkeypatch.setenv("STRATA_RETRY_SECONDS", "0.25")
     assert RetryingStorage(local).total_seconds == 0.25

@@ -173,6 +173,27 @@ def test_a_corrupt_small_file_in_a_window_is_fetched_again_by_itself(repo_url, t
         assert m.fs.read_path(p) == files[p]
 
 
+def test_a_pack_cut_short_in_storage_is_named_as_such(repo_url, tmp_path, mounted):
+    # A pack blob truncated in storage: its files past the cut fail saying the blob is
+    # cut short (not a hash mismatch), on the mount and for `get`; files before it read.
+    from strata.catalog import Dataset
+    files, m, _ = small_files(repo_url, tmp_path, mounted)
+    order = sorted(files)
+    victim = m.view.lookup(order[40]).entry
+    path = os.path.join(repo_url, layout.blob_key(victim.pack))
+    os.truncate(path, victim.offset + 10)
+    for p in order[:40]:
+        if m.view.lookup(p).entry.pack == victim.pack:
+            assert m.fs.read_path(p) == files[p]
+    with pytest.raises(Corrupt, match="cut short: it ends at byte") as e:
+        m.fs.read_path(order[40])
+    assert victim.pack in str(e.value)
+    assert not m.cache.contains(victim.sha256)
+    with pytest.raises(Corrupt, match="cut short"):
+        Dataset.get(dataset_id=m.view.version_id, repo=repo_url).get_mutable_local_copy(
+            str(tmp_path / "copy"))
+
+
 def test_pack_windows_stay_within_their_memory_limit():
     from strata.vfs.reader import WINDOW_MIN, PackWindows
     packs = {f"p{i}": os.urandom(4 * WINDOW_MIN) for i in range(6)}
