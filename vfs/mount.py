@@ -30,7 +30,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
@@ -146,7 +146,8 @@ def serve_foreground(repo_url, version_id: str, mountpoint: str, *,
         threading.Thread(target=after_init, name="strata-readahead-setup",
                          daemon=True).start()
         if session is not None:
-            server = _serve_control(control, session, ops)
+            server = _serve_control(control, session, ops, on_commit=lambda child_id: register(
+                replace(registered(mountpoint) or info, version=child_id)))
         register(info)
         log.info("mounted %s of %s at %s%s", "every version" if version_id == ALL_VERSIONS
                  else f"version {version_id}", repo.url, mountpoint,
@@ -207,7 +208,9 @@ def _signal_ready(fd: int) -> None:
         pass   # nobody is waiting any more: serve all the same
 
 
-def _serve_control(path: str, session, ops):
+def _serve_control(path: str, session, ops, on_commit: Callable[[str], None]):
+    """The control channel of a writable mount; `on_commit(child id)` after each commit
+    (the mount now shows that version: its registry entry says so)."""
     from strata.vfs import control
 
     def status() -> dict:
@@ -216,6 +219,7 @@ def _serve_control(path: str, session, ops):
     def commit(name=None, version=None, description=None, tags=None) -> dict:
         child = session.commit(name=name, version=version, description=description,
                                tags=tags)
+        on_commit(child.id)
         return child.summary()
 
     def discard() -> dict:

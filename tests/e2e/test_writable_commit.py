@@ -274,6 +274,21 @@ def test_discard_drops_the_changes_at_once_and_for_good(env):
     assert tree(m) == tree(env.local)
 
 
+def test_after_a_commit_the_mount_is_registered_with_the_child(build, mounts):
+    # `mount` at a busy mountpoint and a stale mount's message say which version a mount
+    # shows: after a commit, the child it switched to
+    vid = build.version({"a.txt": b"a\n"})
+    mnt = mounts.folder()
+    start_writable(mounts, vid, build.repo_url)
+    (mnt / "b.txt").write_bytes(b"b\n")
+    r = strata("commit", mnt)
+    assert r.returncode == 0, r.stderr
+    child = next(v for v in versions(build.repo_url) if v != vid)
+    assert mount_mod.registered(str(mnt)).version == child
+    r = strata("--repo", build.repo_url, "mount", "--id", vid, mnt)
+    assert r.returncode != 0 and f"version {child}" in r.stderr, r.stderr
+
+
 # ---- mistakes ----------------------------------------------------------------------
 def test_status_commit_discard_need_a_writable_mount(build, mounts):
     vid = build.version({"a.txt": b"a\n"})
