@@ -85,7 +85,7 @@ def tag(state: State, dataset_id, add_tags, remove_tags):
         ds.add_tags(list(add_tags))
     if remove_tags:
         ds.remove_tags(list(remove_tags))
-    output.results(ds.tags)
+    output.results(output.shown(t) for t in ds.tags)
 
 
 def _json_object(text: str) -> dict:

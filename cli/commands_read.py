@@ -66,7 +66,7 @@ def list_(state: State, dataset_id, project, name, version, patterns, modified, 
         return
     for mark, size, p in rows:
         prefix = f"{mark} " if mark else ""
-        output.result(f"{prefix}{output.format_size(size):>10}  {p}")
+        output.result(f"{prefix}{output.format_size(size):>10}  {output.shown(p)}")
     total = sum(size for mark, size, _ in rows if mark != "D")
     output.info(state.quiet, f"{output.plural(len(rows), 'file')}, "
                              f"{output.format_size(total)} in {describe(ds)}")
@@ -116,7 +116,7 @@ def compare(state: State, source, target, verbose, as_json):
         rows = ([("A", p) for p in result.added] + [("M", p) for p in result.modified]
                 + [("D", p) for p in result.removed])
         for mark, p in sorted(rows, key=lambda r: r[1]):
-            output.result(f"{mark} {p}")
+            output.result(f"{mark} {output.shown(p)}")
     output.result(f"added {len(result.added)}, modified {len(result.modified)}, "
                   f"removed {len(result.removed)}, unchanged {result.unchanged}")
 

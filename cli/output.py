@@ -37,10 +37,21 @@ def short_id(version_id: str) -> str:
     return version_id[:8]
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f]}
+_CONTROL.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def shown(text: str) -> str:
+    """A name as one line of a listing: control characters (a newline in a file or tag
+    name) written as escapes, \\n, \\x1b, so a row stays a row and nothing steers the
+    terminal. --json output keeps names exact."""
+    return text.translate(_CONTROL)
+
+
 def table(headers: Sequence[str], rows: Iterable[Sequence[Any]],
           right: Sequence[str] = ()) -> list[str]:
     """Rows as aligned text columns; columns named in `right` are right-aligned."""
-    cells = [[str(h) for h in headers]] + [["-" if c is None else str(c) for c in r]
+    cells = [[str(h) for h in headers]] + [["-" if c is None else shown(str(c)) for c in r]
                                            for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     lines = []

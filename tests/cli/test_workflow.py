@@ -228,3 +228,22 @@ def test_cache_info_counts_and_clear_removes_the_copies_get_made(run, src):
     assert json.loads(run("cache", "info", "--json").stdout)["copies"] == 0
     assert run("get", "--id", vid).stdout.strip() == where   # made again when asked
     assert (Path(where) / "a.txt").read_text() == "alpha\n"
+
+
+def test_control_characters_in_names_are_escaped_in_listings(run, tmp_path):
+    # a newline or an escape sequence in a file, dataset or tag name cannot split a row or
+    # steer the terminal; --json keeps the names exact
+    src = tmp_path / "odd"
+    src.mkdir()
+    (src / "two\nlines.txt").write_bytes(b"x")
+    (src / "red\x1b[31m.txt").write_bytes(b"y")
+    vid = run.version(src, name="multi\nline")
+    listed = run("list", "--id", vid).stdout.splitlines()
+    assert [line.split("  ")[-1] for line in listed if ".txt" in line] == [
+        "red\\x1b[31m.txt", "two\\nlines.txt"]
+    assert "\x1b" not in run("list", "--id", vid).stdout
+    rows = run("search").stdout.splitlines()
+    assert len(rows) == 2 and "multi\\nline" in rows[1]
+    assert run("tag", "--id", vid, "--add", "a\tb").stdout.splitlines() == ["a\\tb"]
+    assert {r["path"] for r in json.loads(run("list", "--json", "--id", vid).stdout)} == {
+        "two\nlines.txt", "red\x1b[31m.txt"}
