@@ -407,25 +407,22 @@ class Bench:
         shutil.rmtree(dest, ignore_errors=True)
         shutil.rmtree(cache2, ignore_errors=True)
         copy_txt = f"`strata get --copy` {secs(t_copy)} ({mbps(total, t_copy)})"
-        label = f"1. time to first byte, one file of a {total / GiB:.1f} GiB version, " \
-                f"through a running `strata mount --all` (open + read 4 KiB of " \
-                f"by-name/.../latest/..., version never touched: record, manifest and " \
-                f"first chunk fetched; caches cold){self.note_drop}"
-        ratio_row(self.res, label, ttfb_all, t_copy, secs(ttfb_all), copy_txt, 100,
-                  higher_better=False)
-        label = f"1. time to first byte, one file of a {total / GiB:.1f} GiB version, " \
-                f"mounted with `strata mount` (mount ready; then page cache dropped, " \
-                f"strata cache empty: open + read 4 KiB, its first chunk fetched and " \
-                f"verified){self.note_drop}"
-        ratio_row(self.res, label, ttfb_mounted, t_copy, secs(ttfb_mounted), copy_txt, 100,
-                  higher_better=False)
-        # the mount's own start-up (a Python process starting cold) is figure 5's concern
-        # (mount ready <= 2 s); this row shows the two together
-        label = f"1.i  `strata mount` of the version first, then open + read 4 KiB, " \
-                f"everything cold (the mount's start-up included: see figure 5 for its " \
-                f"target){self.note_drop}"
-        ratio_row(self.res, label, ttfb, t_copy, secs(ttfb), copy_txt, None,
-                  higher_better=False)
+        one_file = f"one file of a {total / GiB:.1f} GiB version"
+        for label, value, target in (
+                (f"1. time to first byte, {one_file}, through a running `strata mount "
+                 f"--all` (open + read 4 KiB of by-name/.../latest/..., version never "
+                 f"touched: record, manifest and first chunk fetched; caches cold)",
+                 ttfb_all, 100),
+                (f"1. time to first byte, {one_file}, mounted with `strata mount` (mount "
+                 f"ready; then page cache dropped, strata cache empty: open + read 4 KiB, "
+                 f"its first chunk fetched and verified)", ttfb_mounted, 100),
+                # the mount's own start-up (a Python process starting cold) is figure 5's
+                # concern (mount ready <= 2 s); this row shows the two together
+                ("1.i  `strata mount` of the version first, then open + read 4 KiB, "
+                 "everything cold (the mount's start-up included: see figure 5 for its "
+                 "target)", ttfb, None)):
+            ratio_row(self.res, label + self.note_drop, value, t_copy, secs(value), copy_txt,
+                      target, higher_better=False)
         self.res.add(Row("1.i  `strata mount --all` (CLI start to mount ready, before the "
                          "clock of the first row starts) / first 4 KiB of a 64 KiB file "
                          "of the version after that", f"{secs(t_mount_all)} / "
