@@ -146,7 +146,10 @@ class _SafeTree:
 
 
 def _write_atomic(full: str, parts: list[bytes], mode: int, mtime_ns: int) -> None:
-    tmp = f"{full}.{os.getpid()}-{threading.get_ident()}.strata-tmp"  # two gets at once
+    # beside the file, under a short name: a name of NAME_MAX bytes leaves no room for a
+    # suffix; pid and thread tell two gets (and two threads) at once apart
+    tmp = os.path.join(os.path.dirname(full),
+                       f".strata-{os.getpid()}-{threading.get_ident()}.tmp")
     # large files go past the page cache (storage.directio): a copy of a dataset is
     # written once and read later, and this VM pays most for the page-cache copy
     try:

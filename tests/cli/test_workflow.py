@@ -247,3 +247,14 @@ def test_control_characters_in_names_are_escaped_in_listings(run, tmp_path):
     assert run("tag", "--id", vid, "--add", "a\tb").stdout.splitlines() == ["a\\tb"]
     assert {r["path"] for r in json.loads(run("list", "--json", "--id", vid).stdout)} == {
         "two\nlines.txt", "red\x1b[31m.txt"}
+
+
+def test_get_copies_a_file_whose_name_is_255_bytes(run, tmp_path):
+    src = tmp_path / "long"
+    src.mkdir()
+    name = "n" * 251 + ".bin"                 # NAME_MAX: no room for a temp suffix
+    (src / name).write_bytes(b"long name\n")
+    vid = run.version(src)
+    run("get", "--id", vid, "--copy", tmp_path / "copy")
+    assert (tmp_path / "copy" / name).read_bytes() == b"long name\n"
+    assert os.listdir(tmp_path / "copy") == [name]
