@@ -37,6 +37,7 @@ file data is read and written through descriptors outside it. Lock order: overla
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -114,14 +115,21 @@ class Overlay:
         self.upper_dir.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(self.folder / "journal.db"), isolation_level=None,
                                   check_same_thread=False, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
+        # every statement runs under this lock, the innermost of all: a batch of row
+        # changes (`changes`) is one transaction no other thread's statement falls into
+        self._db_lock = threading.RLock()
+        self._batch: list[tuple[str, tuple]] | None = None
+        self._batch_owner = 0
+        self._reserve = self.folder / "reserve"
+        self._reserve_missing = not _fill_reserve(self._reserve)
+        self._x("PRAGMA journal_mode=WAL")
+        self._x("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         # upper name -> (chunk size, chunks written since copy-up), for copied-up files
         self._dirty: dict[str, tuple[int, set[int]]] = {
             upper: (chunk_size, set()) for upper, chunk_size in
-            self.db.execute("SELECT upper, chunk_size FROM copied")}
-        for upper, chunk in self.db.execute("SELECT upper, chunk FROM dirty"):
+            self._x("SELECT upper, chunk_size FROM copied")}
+        for upper, chunk in self._x("SELECT upper, chunk FROM dirty"):
             self._dirty[upper][1].add(chunk)
         self._dirty_lock = threading.Lock()
         # hashing after close (see the module docstring); `chunk_size` None: off
@@ -129,36 +137,104 @@ class Overlay:
         self._hash_lock = threading.Condition()
         self._gen: dict[str, int] = {}        # upper name -> changes begun or ended
         self._inflight: dict[str, int] = {}   # upper name -> changes under way
-        self._hashed = {u for (u,) in self.db.execute("SELECT upper FROM hashed")}
+        self._hashed = {u for (u,) in self._x("SELECT upper FROM hashed")}
         self._queue: queue.SimpleQueue | None = None
         self._queued = 0                      # names queued or being hashed
         self._stopped = False                 # the generation is being dropped
         self._thread: threading.Thread | None = None
 
+    def _x(self, sql: str, args: tuple | list = ()) -> sqlite3.Cursor:
+        with self._db_lock:
+            return self.db.execute(sql, args)
+
+    def _xm(self, sql: str, rows: list) -> sqlite3.Cursor:
+        with self._db_lock:
+            return self.db.executemany(sql, rows)
+
+    @contextlib.contextmanager
+    def changes(self, *, frees: bool = False):
+        """Row changes (`put`, `drop`) made inside take effect together when it ends: all
+        of them, or none (a full disk, an error) - never a rename half done. Until then
+        reads see the rows as they were. Files are removed by the caller after it.
+
+        `frees`: the changes remove something (a file, a folder), and may use the
+        reserve on a full disk: their row goes first, then the file's bytes, so without
+        it nothing could be removed to make room. The caller calls `refill` after."""
+        if self._batch is not None and self._batch_owner == threading.get_ident():
+            yield   # nested: part of the outer batch
+            return
+        self._batch, self._batch_owner = [], threading.get_ident()
+        try:
+            yield
+            batch = self._batch
+        finally:
+            self._batch, self._batch_owner = None, 0
+        self._apply(batch, frees)
+
+    def refill(self) -> None:
+        """Take the reserve back if it was used and there is room again."""
+        if self._reserve_missing:
+            with self._db_lock:
+                self._reserve_missing = not _fill_reserve(self._reserve)
+
+    def _write(self, sql: str, args: tuple) -> None:
+        if self._batch is not None and self._batch_owner == threading.get_ident():
+            self._batch.append((sql, args))
+        else:
+            self._apply([(sql, args)], False)
+
+    def _apply(self, batch: list[tuple[str, tuple]], frees: bool) -> None:
+        """One transaction; on a full disk, a change that `frees` gives up the reserve
+        file and is tried once more."""
+        with self._db_lock:
+            try:
+                self._transaction(batch)
+            except sqlite3.Error as e:
+                if not frees or self._reserve_missing \
+                        or getattr(e, "sqlite_errorcode", None) != SQLITE_FULL:
+                    raise
+                self._reserve.unlink(missing_ok=True)
+                self._reserve_missing = True
+                log.warning("the overlay's disk is full: its reserve of %d KiB went to "
+                            "the journal, so that a removal can make room",
+                            RESERVE // 1024)
+                self._transaction(batch)
+
+    def _transaction(self, batch: list[tuple[str, tuple]]) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, args in batch:
+                self.db.execute(sql, args)
+            self.db.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            raise
+
     def get(self, path: str) -> Row | None:
-        r = self.db.execute(f"SELECT {COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()
+        r = self._x(f"SELECT {COLUMNS} FROM nodes WHERE path=?", (path,)).fetchone()
         return Row(*r) if r else None
 
     def children(self, folder: str) -> list[Row]:
-        return [Row(*r) for r in self.db.execute(
+        return [Row(*r) for r in self._x(
             f"SELECT {COLUMNS} FROM nodes WHERE parent=? ORDER BY name", (folder,))]
 
     def rows(self) -> list[Row]:
-        return [Row(*r) for r in self.db.execute(f"SELECT {COLUMNS} FROM nodes ORDER BY path")]
+        return [Row(*r) for r in self._x(f"SELECT {COLUMNS} FROM nodes ORDER BY path")]
 
     def under(self, folder: str) -> list[Row]:
         lo, hi = folder + "/", folder + "0"
-        return [Row(*r) for r in self.db.execute(
+        return [Row(*r) for r in self._x(
             f"SELECT {COLUMNS} FROM nodes WHERE path > ? AND path < ? ORDER BY path", (lo, hi))]
 
     def put(self, row: Row) -> None:
-        self.db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                        (row.path, paths.parent_of(row.path), paths.name_of(row.path),
-                         row.kind, row.upper, row.lower, row.redirect, row.opaque, row.mode,
-                         row.mtime_ns, row.target, row.origin))
+        self._write("INSERT OR REPLACE INTO nodes VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (row.path, paths.parent_of(row.path), paths.name_of(row.path),
+                     row.kind, row.upper, row.lower, row.redirect, row.opaque, row.mode,
+                     row.mtime_ns, row.target, row.origin))
 
     def drop(self, path: str) -> None:
-        self.db.execute("DELETE FROM nodes WHERE path=?", (path,))
+        self._write("DELETE FROM nodes WHERE path=?", (path,))
 
     def upper_path(self, name: str) -> str:
         return str(self.upper_dir / name)
@@ -167,21 +243,21 @@ class Overlay:
         return uuid.uuid4().hex
 
     def get_meta(self, key: str, default=None):
-        r = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        r = self._x("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return json.loads(r[0]) if r else default
 
     def set_meta(self, **values) -> None:
         for k, v in values.items():
-            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+            self._x("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
 
     def is_empty(self) -> bool:
-        return self.db.execute("SELECT 1 FROM nodes LIMIT 1").fetchone() is None
+        return self._x("SELECT 1 FROM nodes LIMIT 1").fetchone() is None
 
     # ---- chunks of copied-up files -------------------------------------------------------
     def track(self, name: str, size: int, chunk_size: int, chunks: bytes) -> None:
         """Upper file `name` is a copy of a lower file of `size` bytes in `chunks`."""
         with self._dirty_lock:
-            self.db.execute("INSERT OR REPLACE INTO copied VALUES (?,?,?,?)",
+            self._x("INSERT OR REPLACE INTO copied VALUES (?,?,?,?)",
                             (name, size, chunk_size, chunks))
             self._dirty[name] = (chunk_size, set())
 
@@ -196,7 +272,7 @@ class Overlay:
             return
         with self._dirty_lock:
             new = touched - dirty
-            self.db.executemany("INSERT OR IGNORE INTO dirty VALUES (?, ?)",
+            self._xm("INSERT OR IGNORE INTO dirty VALUES (?, ?)",
                                 [(name, c) for c in sorted(new)])
             dirty |= new
 
@@ -205,8 +281,8 @@ class Overlay:
         if name not in self._dirty:
             return
         with self._dirty_lock:
-            self.db.execute("DELETE FROM copied WHERE upper=?", (name,))
-            self.db.execute("DELETE FROM dirty WHERE upper=?", (name,))
+            self._x("DELETE FROM copied WHERE upper=?", (name,))
+            self._x("DELETE FROM dirty WHERE upper=?", (name,))
             self._dirty.pop(name, None)
 
     # ---- whole-file hashes, computed after the last writer closes ----------------------
@@ -249,7 +325,7 @@ class Overlay:
         """(sha256, chunk digests) of upper file `name` if recorded for its current
         bytes (`size` is what the caller sees now), else None."""
         with self._hash_lock:
-            row = self.db.execute("SELECT size, sha256, chunks FROM hashed WHERE upper=?",
+            row = self._x("SELECT size, sha256, chunks FROM hashed WHERE upper=?",
                                   (name,)).fetchone()
         if row is None or row[0] != size:
             return None
@@ -274,7 +350,7 @@ class Overlay:
         self._gen[name] = self._gen.get(name, 0) + 1
         if name in self._hashed:
             self._hashed.discard(name)
-            self.db.execute("DELETE FROM hashed WHERE upper=?", (name,))
+            self._x("DELETE FROM hashed WHERE upper=?", (name,))
 
     def _hash_loop(self, q: queue.SimpleQueue) -> None:
         try:   # the work of a commit done ahead: it yields to whatever the user runs
@@ -310,7 +386,7 @@ class Overlay:
         with self._hash_lock:
             if self._gen.get(name, 0) != gen or self._inflight.get(name):
                 return   # changed meanwhile: the bytes hashed may be a mix
-            self.db.execute("INSERT OR REPLACE INTO hashed VALUES (?,?,?,?)",
+            self._x("INSERT OR REPLACE INTO hashed VALUES (?,?,?,?)",
                             (name, h.size, h.sha256, h.chunks))
             self._hashed.add(name)
 
@@ -318,12 +394,12 @@ class Overlay:
         """Digests of the chunks of upper file `name` (now `size` bytes) that are still the
         lower file's: whole chunks, in both the lower file and this one, that no write
         touched. None if the file is not a tracked copy."""
-        row = self.db.execute("SELECT size, chunk_size, chunks FROM copied WHERE upper=?",
+        row = self._x("SELECT size, chunk_size, chunks FROM copied WHERE upper=?",
                               (name,)).fetchone()
         if row is None:
             return None
         lower_size, chunk_size, chunks = row
-        dirty = {c for (c,) in self.db.execute("SELECT chunk FROM dirty WHERE upper=?",
+        dirty = {c for (c,) in self._x("SELECT chunk FROM dirty WHERE upper=?",
                                                 (name,))}
         whole = min(lower_size, size) // chunk_size
         return {i: chunks[i * 32:(i + 1) * 32] for i in range(whole) if i not in dirty}
@@ -444,7 +520,7 @@ class OverlayView:
     def path_of_upper(self, upper_file: str) -> str | None:
         """The path whose bytes this overlay keeps in `upper_file`, if any."""
         with self._lock:
-            r = self.overlay.db.execute("SELECT path FROM nodes WHERE upper=?",
+            r = self.overlay._x("SELECT path FROM nodes WHERE upper=?",
                                         (os.path.basename(upper_file),)).fetchone()
             return r[0] if r else None
 
@@ -495,9 +571,13 @@ class OverlayView:
             up = self.overlay.upper_path(name)
             fd = os.open(up, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             os.close(fd)
-            os.chmod(up, stat_mod.S_IMODE(mode) or 0o644)
-            self.overlay.put(Row(path, FILE, upper=name))
-            self._discard_upper(old)
+            try:
+                os.chmod(up, stat_mod.S_IMODE(mode) or 0o644)
+                self.overlay.put(Row(path, FILE, upper=name))
+            except BaseException:
+                os.unlink(up)
+                raise
+            self._discard_upper(old)   # once no row points at it
             return up
 
     def copy_up(self, path: str, *, keep_data: bool = True) -> str:
@@ -545,8 +625,11 @@ class OverlayView:
                 raise missing(self, path)
             if n.is_dir:
                 raise IsADirectory(path)
-            self._discard_upper(self.overlay.get(path))
-            self._hide_or_drop(path)
+            row = self.overlay.get(path)
+            with self.overlay.changes(frees=True):
+                self._hide_or_drop(path)
+            self._discard_upper(row)   # once no row points at it: a failed change keeps it
+            self.overlay.refill()
 
     def mkdir(self, path: str, mode: int) -> None:
         with self._lock:
@@ -569,9 +652,11 @@ class OverlayView:
                 raise NotPermitted("cannot remove the root")
             if self.listdir(path):
                 raise NotEmpty(path)
-            for row in self.overlay.under(path):   # whiteouts left inside
-                self.overlay.drop(row.path)
-            self._hide_or_drop(path)
+            with self.overlay.changes(frees=True):
+                for row in self.overlay.under(path):   # whiteouts left inside
+                    self.overlay.drop(row.path)
+                self._hide_or_drop(path)
+            self.overlay.refill()
 
     def symlink(self, path: str, target: str) -> None:
         with self._lock:
@@ -597,6 +682,7 @@ class OverlayView:
             dst = self.lookup(new)
             if dst is not None and noreplace:
                 raise Exists(new)
+            replaced = None
             if dst is not None:
                 if dst.is_dir and not src.is_dir:
                     raise IsADirectory(new)
@@ -604,21 +690,23 @@ class OverlayView:
                     raise NotADirectory(new)
                 if dst.is_dir and self.listdir(new):
                     raise NotEmpty(new)
-                self._discard_upper(self.overlay.get(new))
-                for row in self.overlay.under(new):
-                    self.overlay.drop(row.path)
-            if src.is_dir:
-                self._rename_dir(old, new, src)
-            else:
-                self._rename_file(old, new, src)
-
-    def _rename_file(self, old: str, new: str, src: Node) -> None:
-        # an upper file keeps its bytes; a lower file keeps pointing at the same blobs
-        # (no copy-up): either way the row travels to the new path
-        moved = _with(self._meta_row(old), path=new)
-        self.overlay.drop(old)
-        self._hide_or_drop(old)
-        self.overlay.put(moved)
+                replaced = self.overlay.get(new)
+            # a lower file keeps pointing at the same blobs (no copy-up); its row (made
+            # before the batch: it may copy up bytes of a generation being committed)
+            # travels to the new path, as an upper file's does
+            moved = None if src.is_dir else _with(self._meta_row(old), path=new)
+            with self.overlay.changes(frees=replaced is not None):   # all of it, or none
+                if dst is not None:
+                    for row in self.overlay.under(new):
+                        self.overlay.drop(row.path)
+                if moved is None:
+                    self._rename_dir(old, new, src)
+                else:
+                    self.overlay.drop(old)
+                    self._hide_or_drop(old)
+                    self.overlay.put(moved)
+            self._discard_upper(replaced)
+            self.overlay.refill()
 
     def _rename_dir(self, old: str, new: str, src: Node) -> None:
         lower_src = self.lower_path(old)
@@ -705,6 +793,33 @@ class OverlayView:
     def settled(self, upper_file: str) -> None:
         """The last writer of this upper file closed it."""
         self.overlay.settled(os.path.basename(upper_file))
+
+
+SQLITE_FULL = 13          # sqlite3.Error.sqlite_errorcode of 'database or disk is full'
+RESERVE = 8 << 20         # bytes kept aside on the overlay's disk for its journal: more than its
+                          # WAL grows to (1000 pages, then checkpoints reuse it)
+
+
+def _fill_reserve(path: Path) -> bool:
+    """Keep RESERVE bytes on the overlay's disk (allocated, not sparse); False if there
+    is no room for them now."""
+    try:
+        if path.stat().st_size == RESERVE:
+            return True
+    except FileNotFoundError:
+        pass
+    tmp = path.with_suffix(".tmp")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        return False
 
 
 def _with(row: Row, **changes) -> Row:

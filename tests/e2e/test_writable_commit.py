@@ -349,6 +349,51 @@ def test_a_full_disk_fails_writes_and_commit_with_enospc_and_keeps_the_changes(
         subprocess.run(["umount", "-l", str(small)], check=True)
 
 
+def test_changes_refused_by_a_full_journal_leave_the_overlay_whole(
+        build, mounts, tmp_path, monkeypatch):
+    # Removals and renames on a full disk: each fails whole (ENOSPC) or happens whole.
+    # An unlink used to remove the upper file before its journal row, and a full journal
+    # kept the row: the folder then failed with EIO, and every commit after it too.
+    vid = build.version({"a.txt": b"a\n"})
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], check=True)
+    try:
+        monkeypatch.setenv("XDG_DATA_HOME", str(small))
+        mnt = mounts.folder()
+        start_writable(mounts, vid, build.repo_url)
+        (mnt / "z").mkdir()
+        for i in range(200):
+            (mnt / "z" / f"e{i}").write_bytes(b"%d\n" % i)
+        with pytest.raises(OSError) as e, open(mnt / "filler", "wb") as f:
+            while True:
+                f.write(bytes(1 << 20))
+        assert e.value.errno == errno.ENOSPC
+        refused = 0
+        for i in range(200):
+            try:
+                if i % 2:
+                    os.unlink(mnt / "z" / f"e{i}")
+                else:
+                    os.rename(mnt / "z" / f"e{i}", mnt / "z" / f"r{i}")
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                refused += 1
+        assert refused, "the disk was never full for the journal"
+        os.unlink(mnt / "filler")
+        shown = {p: (mnt / "z" / p).read_bytes() for p in os.listdir(mnt / "z")}
+        assert len(shown) > 100 - refused
+        for name, data in shown.items():   # each file is where one of the two left it
+            assert data == b"%d\n" % int(name[1:])
+        r = strata("commit", mnt)
+        assert r.returncode == 0, r.stderr
+        child = Dataset.get(dataset_project="p", dataset_name="n", repo=build.repo_url)
+        assert sorted(child.list_files("z/*")) == sorted(f"z/{p}" for p in shown)
+        mounts.unmount(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
+
+
 def test_a_control_client_that_hangs_up_leaves_the_server_running(build, mounts):
     import socket
     vid = build.version({"a.txt": b"a\n"})
