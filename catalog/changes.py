@@ -100,4 +100,4 @@ def open_child(parent: Dataset, *, draft_id: str | None = None, name: str | None
             pass   # the draft is gone (discarded by hand): start again
     return Dataset.create(name or parent.name, parent.project, parent_datasets=[parent.id],
                           dataset_version=version, dataset_tags=tags,
-                          description=description, repo=parent.repo)
+                          description=description, repo=parent.repo, remember=False)

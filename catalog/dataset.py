@@ -109,7 +109,10 @@ class Dataset:
                parent_datasets: Sequence[str | "Dataset"] | None = None,
                dataset_version: str | None = None, dataset_tags: Sequence[str] | None = None,
                description: str | None = None, repo: str | Repository | None = None,
-               metadata: dict | None = None) -> "Dataset":
+               metadata: dict | None = None, *, remember: bool = True) -> "Dataset":
+        """A new draft. `remember`: it becomes the default `--id` of later commands, as
+        clearml-data's create does (a writable mount's commit says False: its child is
+        remembered once final, so an interrupted commit leaves the default as it was)."""
         if not dataset_name or not dataset_project:
             raise BadArgument("a dataset needs a project and a name")
         paths.text(dataset_project, "project")
@@ -147,7 +150,8 @@ class Dataset:
                              version=label, version_explicit=explicit, parents=parents,
                              tags=list(dataset_tags or ()), description=description or "",
                              metadata=metadata or {}, user=_user())
-        config.remember_last(r.url, vid)
+        if remember:
+            config.remember_last(r.url, vid)
         return cls(r, draft=d)
 
     @classmethod

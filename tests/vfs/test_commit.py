@@ -174,6 +174,33 @@ def test_interrupted_commit_retried_gives_exactly_one_child(tmp_path, monkeypatc
         env.close()
 
 
+def test_a_commit_cut_short_leaves_the_default_id_alone(tmp_path, monkeypatch):
+    # the draft a commit makes is not the default --id of later commands (a remount
+    # without --id would take it and refuse a draft); its child is, once final
+    from strata.catalog import config
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        fh = s.fs.create("new", 0o644)
+        s.fs.write(fh, 0, b"x")
+        s.fs.release(fh)
+        before = config.last_touched(env.repo.url)
+        real = Dataset.finalize
+
+        def interrupted(self, *a, **kw):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Dataset, "finalize", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            s.commit()
+        assert config.last_touched(env.repo.url) == before
+        monkeypatch.setattr(Dataset, "finalize", real)
+        child = s.commit()
+        assert config.last_touched(env.repo.url) == child.id
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("stores_on_add", [True, False])
 def test_a_commit_reads_each_new_file_once(tmp_path, monkeypatch, stores_on_add):
     """The frozen generation's files cannot change any more, so a commit trusts them
