@@ -10,6 +10,7 @@ resumes from what the draft has recorded as placed.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -71,6 +72,10 @@ class Draft:
             if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                 raise
             self.db.close()
+            if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
+                if create:
+                    _remove_files(path)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise DamagedDraft(version_id, path, str(e)) from None
 
     # ---- fields --------------------------------------------------------------------
@@ -209,5 +214,22 @@ def _like_prefix(folder: str) -> str:
 
 def new_draft(version_id: str, **fields: Any) -> Draft:
     d = Draft(version_id, create=True)
-    d.set(created=time.time(), **fields)
+    try:
+        d.set(created=time.time(), **fields)
+    except BaseException:   # a full disk: no empty draft database is left behind
+        d.db.close()
+        _remove_files(d.path)
+        raise
     return d
+
+
+SQLITE_FULL = 13   # sqlite3's error code of 'database or disk is full'
+
+
+def _remove_files(path) -> None:
+    """A draft database and its WAL and shared-memory files."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.unlink(f"{path}{suffix}")
+        except FileNotFoundError:
+            pass

@@ -43,6 +43,9 @@ COMMAND_MODULES = {
 MODULE_OF = {name: module for module, names in COMMAND_MODULES.items() for name in names}
 
 
+SQLITE_FULL = 13   # sqlite3's error code of 'database or disk is full'
+
+
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -87,6 +90,8 @@ class StrataGroup(click.Group):
             where = f": {e.filename}" if e.filename else ""
             self._fail(ctx, EXIT_ERROR, f"{e.strerror or one_line(e)}{where}")
         except Exception as e:  # a bug: say so in one line, traceback on request
+            if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:   # a local database
+                self._fail(ctx, EXIT_ERROR, f"No space left on device ({one_line(e)})")
             detail = one_line(f"{type(e).__name__}: {e}")
             hint = "" if _debug(ctx) else "; run with --debug for the traceback"
             self._fail(ctx, EXIT_BUG, f"internal error ({detail}){hint}")

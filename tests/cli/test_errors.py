@@ -306,3 +306,34 @@ def test_os_error_is_one_line(run, final, tmp_path, monkeypatch):
     monkeypatch.setattr(Dataset, "get_mutable_local_copy", denied)
     assert_error(run("get", "--copy", tmp_path / "x", ok=False),
                  contains=f"Permission denied: {tmp_path / 'x'}")
+
+
+def test_a_full_workspace_disk_is_named_and_leaves_no_draft(run, tmp_path, monkeypatch):
+    # `create` on a full disk: "No space left on device" in one line, exit 1, and no
+    # empty draft database left (it said "the draft is damaged", leaving one per try)
+    import subprocess
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
+                   check=True)
+    try:
+        monkeypatch.setenv("XDG_DATA_HOME", str(small))
+        drafts = small / "strata" / "workspace" / "drafts"
+        drafts.mkdir(parents=True)
+        fd = os.open(small / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            while os.write(fd, bytes(4096)):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        for _ in range(3):
+            r = run("create", "--project", "p", "--name", "n", ok=False)
+            assert r.exit_code == 1, r.output
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "No space left on device" in lines[0], r.stderr
+            assert "damaged" not in r.stderr
+        assert os.listdir(drafts) == []
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=True)
