@@ -186,7 +186,12 @@ class VersionView(EntryReads):
                 return node_of_entry(e)
             d = m.lookup_dir(path)
             if d is not None:
-                return node_of_dir(d)
+                if d.explicit or m.is_removed(path):
+                    return node_of_dir(d)
+                # a folder implied by the version's files: its mode and time are those of
+                # the folder in the parents, if there is one (as `get` merges them)
+                older = self._in_parents(vid, path, walked)
+                return older if older is not None and older.kind == DIR else node_of_dir(d)
             if m.is_removed(path):
                 return None
             ps = self._parents_of(vid)
@@ -208,6 +213,14 @@ class VersionView(EntryReads):
                     return node
             return None
 
+    def _in_parents(self, vid: str, path: str, walked: set[str]) -> Node | None:
+        """`path` as the parents of `vid` show it (the last parent first)."""
+        for p in reversed(self._parents_of(vid)):
+            node = self._lookup_in(p, path, frozenset(walked))
+            if node is not None:
+                return node
+        return None
+
     # ---- listdir -----------------------------------------------------------------------
     def listdir(self, path: str) -> list[Node]:
         folder_node(self, path)
@@ -224,7 +237,8 @@ class VersionView(EntryReads):
         top = vid == self.version_id
         out: dict[str, Node] = {}
         hidden: set[str] = set()
-        walked = set(below)
+        implied: set[str] = set()   # folders only implied by files so far: an older
+        walked = set(below)         # folder of that name gives their mode and time
         while True:
             self._step(walked, vid)
             m = self._manifest(vid)
@@ -235,8 +249,12 @@ class VersionView(EntryReads):
                     out[name] = node_of_entry(e)
             for d in dirs:
                 name = paths.name_of(d.path)
-                if name not in out and name not in hidden:
+                if (name not in out or name in implied) and name not in hidden:
                     out[name] = node_of_dir(d)
+                    if d.explicit:
+                        implied.discard(name)
+                    else:
+                        implied.add(name)
             if path and m.is_removed(path):
                 break
             hidden |= m.removed_names_under(path)
@@ -248,8 +266,11 @@ class VersionView(EntryReads):
                 continue
             for p in reversed(ps):
                 for name, n in self._children(p, path, frozenset(walked)).items():
-                    if name not in out and name not in hidden:
+                    if name in hidden:
+                        continue
+                    if name not in out or (name in implied and n.kind == DIR):
                         out[name] = n
+                        implied.discard(name)
             break
         with self._lock:
             self._listings[key] = out

@@ -201,6 +201,29 @@ def test_a_commit_cut_short_leaves_the_default_id_alone(tmp_path, monkeypatch):
         env.close()
 
 
+def test_a_folder_mode_survives_a_later_commit_of_a_file_inside(tmp_path):
+    # the second commit stores the folder as implied by its changed file (no mode of its
+    # own): the mount, a fresh view and a copy must all still say 0700, as before it
+    from strata.vfs.views import VersionView
+    env = Env(tmp_path)
+    try:
+        s = env.session()
+        s.fs.mkdir("sec", 0o700)
+        for data in (b"a\n", b"b\n"):
+            fh = s.fs.create("sec/f", 0o644)
+            s.fs.write(fh, 0, data)
+            s.fs.release(fh)
+            child = s.commit()
+            assert s.fs.getattr("sec").mode & 0o7777 == 0o700
+        view = VersionView(env.repo, child.id, env.reader)
+        assert view.lookup("sec").mode & 0o7777 == 0o700
+        assert {n.name: n.mode & 0o7777 for n in view.listdir("")}["sec"] == 0o700
+        copy = child.get_mutable_local_copy(str(tmp_path / "copy"))
+        assert os.stat(os.path.join(copy, "sec")).st_mode & 0o7777 == 0o700
+    finally:
+        env.close()
+
+
 @pytest.mark.parametrize("stores_on_add", [True, False])
 def test_a_commit_reads_each_new_file_once(tmp_path, monkeypatch, stores_on_add):
     """The frozen generation's files cannot change any more, so a commit trusts them
