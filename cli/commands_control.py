@@ -37,10 +37,10 @@ def status(state: State, mountpoint, as_json):
         return
     frozen = st.get("committing_changes", [])   # frozen by a commit that did not finish
     for c in frozen + st["changes"]:
-        line = f"{MARKS[c['change']]} {c['path']}"
+        line = f"{MARKS[c['change']]} {output.shown(c['path'])}"
         if "from" in c:
-            line += f" <- {c['from']}"
-        click.echo(line)
+            line += f" <- {output.shown(c['from'])}"
+        output.result(line)
     total = len(frozen) + len(st["changes"])
     what = "nothing to commit" if not total else f"{total} changes"
     extra = f" ({len(frozen)} of them in a commit in progress: run 'strata commit' to " \

@@ -343,6 +343,11 @@ def test_strata_status_json_lists_every_kind_of_change(env):
     assert text.stdout.splitlines() == [
         "A added-dir/", "A added-link", "A added.txt", "D exec.sh", "M folder/a.txt",
         "R moved-sub <- folder/sub", "R moved.txt <- lower.txt"]
+    write_file(m / "two\nlines.txt", b"x")   # a row stays a row; --json keeps the name
+    odd = strata("status", m)
+    assert "A two\\nlines.txt" in odd.stdout.splitlines()
+    names = [c["path"] for c in json.loads(strata("status", "--json", m).stdout)["changes"]]
+    assert "two\nlines.txt" in names
     assert f"on version {env.vid}: 7 changes" in text.stderr
 
 
