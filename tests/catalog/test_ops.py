@@ -43,6 +43,27 @@ def test_verify_finds_corrupted_blob(tmp_path, repo_url):
     assert len(problems) == 1 and "big" in problems[0]
 
 
+def test_verify_stops_at_a_store_that_is_down(tmp_path, repo_url, monkeypatch):
+    # an outage is not a problem of each file: the first Unreachable ends verify (each
+    # further file would wait out the retry budget again: hours for thousands of files)
+    from strata.storage.errors import Unreachable
+    ds = simple(repo_url, tmp_path / "s", {f"f{i}": os.urandom(3000) for i in range(30)})
+    ds.view()   # the manifest is read: the files are what meet the outage
+    calls = []
+
+    def down(*args, **kwargs):
+        calls.append(args)
+        raise Unreachable(repo_url, "connection refused (injected)")
+
+    for name in ("read", "read_range", "stat"):
+        monkeypatch.setattr(ds.repo.storage, name, down)
+    for skip_hash in (False, True):
+        calls.clear()
+        with pytest.raises(Unreachable):
+            ds.verify_dataset_hash(skip_hash=skip_hash)
+        assert len(calls) == 1
+
+
 def test_verify_local_copy(tmp_path, repo_url):
     ds = simple(repo_url, tmp_path / "s", {"a": "aaa", "d/b": "bbb"})
     out = tmp_path / "copy"
