@@ -27,6 +27,7 @@ from SDK errors to strata's. No credential is ever put in a message.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -137,6 +138,13 @@ def _sdk() -> SimpleNamespace:
     except ImportError:
         raise MissingDependency(
             "azure:// storage needs azure-storage-blob: pip install 'strata[azure]'") from None
+    # The SDK logs every request and response at INFO (ten lines each in a mount's log)
+    # and warnings such as "Incomplete download." that a command's stderr would show
+    # before its one error line: strata reports failures itself. A level the user set
+    # is kept.
+    sdk_log = logging.getLogger("azure")
+    if sdk_log.level == logging.NOTSET:
+        sdk_log.setLevel(logging.ERROR)
     return SimpleNamespace(requests=requests, MatchConditions=MatchConditions, errors=errors,
                            RequestsTransport=RequestsTransport,
                            BlobServiceClient=BlobServiceClient)

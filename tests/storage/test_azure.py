@@ -332,3 +332,19 @@ def test_error_codes_from_the_sdk_enum_are_read() -> None:
 
 def test_non_sdk_errors_are_not_translated() -> None:
     assert _translate(KeyError("bug"), "azure://a.b/c/k", "c", CREDENTIALS) is None
+
+
+def test_the_sdk_logs_only_errors_unless_told_otherwise(monkeypatch):
+    # its INFO lines (every request, ten lines each) filled mount logs, and its warnings
+    # ("Incomplete download.") reached a command's stderr before the one error line
+    import logging
+    sdk_log = logging.getLogger("azure")
+    monkeypatch.setattr(sdk_log, "level", logging.NOTSET)
+    azure_backend._sdk.cache_clear()
+    azure_backend._sdk()
+    assert sdk_log.getEffectiveLevel() == logging.ERROR
+    monkeypatch.setattr(sdk_log, "level", logging.DEBUG)   # a level the user set stays
+    azure_backend._sdk.cache_clear()
+    azure_backend._sdk()
+    assert sdk_log.level == logging.DEBUG
+    azure_backend._sdk.cache_clear()
