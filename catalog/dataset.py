@@ -26,6 +26,7 @@ from strata.catalog.sources import Candidate, collect, patterns_of
 from strata.catalog import draft as drafts
 from strata.catalog.errors import (BadArgument, LabelTaken, NothingMatched, SourceMissing,
                                    UnknownVersion, WrongState)
+from strata.catalog.manifest import chunk_ids
 from strata.catalog.merge import MergedView, Scope, ancestry, merge_parents, merged
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, bump_patch, check_label, highest
@@ -521,6 +522,7 @@ class Dataset:
                                      f"'strata upload --id {self.id}' or close without "
                                      "--disable-upload")
                 self.upload(progress=progress)
+            self._check_placed(d, auto_upload, progress)
             existing = self._publish_record(d)
         d.destroy()
         self._draft = None
@@ -529,6 +531,37 @@ class Dataset:
         self._changed()
         config.remember_last(self.repo.url, self.id)
         return True
+
+    def _check_placed(self, d: drafts.Draft, auto_upload: bool, progress: Progress) -> None:
+        """Check that the blobs of files uploaded earlier are still stored, just before
+        the version is published: blobs are shared by content, so a `delete` of another
+        version, or a `gc` an hour after the upload, may have removed them meanwhile.
+        Files that lost theirs are uploaded again from their sources (or, without
+        `auto_upload`, the caller is told to)."""
+        need: dict[str, list[str]] = {}
+        for path, pack, chunks in d.db.execute(
+                "SELECT path, pack, chunks FROM entries WHERE placed=1 AND kind='f' "
+                "AND size>0"):
+            for blob in [pack] if pack else chunk_ids(chunks):
+                need.setdefault(blob, []).append(path)
+        if not need:
+            return
+        with ThreadPoolExecutor(16) as pool:
+            sizes = dict(zip(need, pool.map(self.repo.blob_size, need)))
+        gone = sorted({p for blob, ps in need.items() if sizes[blob] is None for p in ps})
+        if not gone:
+            return
+        d.unplace(gone)
+        log.warning("%d files of version %s lost their stored bytes since upload (removed "
+                    "by a delete or gc meanwhile): uploading them again", len(gone), self.id)
+        if not auto_upload:
+            n = len(gone)
+            raise WrongState(f"{n} file{'s' if n != 1 else ''} of version {self.id} lost "
+                             f"their stored bytes since upload (a delete or gc removed "
+                             f"them); run "
+                             f"'strata upload --id {self.id}' again")
+        self.upload(progress=progress)
+        self._check_placed(d, False, progress)
 
     def _publish_record(self, d: drafts.Draft) -> VersionRecord:
         from strata.catalog import manifest as manifest_mod

@@ -165,6 +165,12 @@ class Draft:
                                 "WHERE path=?", [(p,) for p in missing])
             self.db.execute("UPDATE entries SET placed=1 WHERE placed=?", (STORED,))
 
+    def unplace(self, paths: list[str]) -> None:
+        """These files' blobs are gone: upload stores them again."""
+        with self.db:
+            self.db.executemany("UPDATE entries SET pack=NULL, offset=0, placed=0 "
+                                "WHERE path=?", [(p,) for p in paths])
+
     def place(self, placed: list[Placed]) -> None:
         with self.db:
             self.db.executemany(

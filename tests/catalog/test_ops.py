@@ -6,7 +6,7 @@ import pytest
 
 from strata.catalog import Dataset, layout
 from strata.catalog import repo as repo_mod
-from strata.catalog.errors import HasChildren, InvalidPath, TargetNotEmpty, BadArgument
+from strata.catalog.errors import HasChildren, InvalidPath, TargetNotEmpty, BadArgument, WrongState
 from strata.catalog.materialize import select_part
 from strata.catalog.ops import delete, gc, list_datasets, log, rename
 from strata.catalog.repo import Repository
@@ -236,6 +236,44 @@ def test_delete_refuses_parent_with_children_and_cleans_blobs(tmp_path, repo_url
     assert delete(a.id, repo=repo_url) == [a.id]
     assert blob_files(repo_url) == []
     assert list_datasets(repo=repo_url) == []
+
+
+@pytest.mark.parametrize("store", ["folder", "s3"])
+@pytest.mark.parametrize("remover", ["delete", "gc"])
+def test_close_uploads_again_what_a_delete_or_gc_removed_after_upload(
+        tmp_path, repo_url, request, store, remover):
+    # blobs are shared by content: a draft uploaded (finding its bytes stored by another
+    # version), then that version deleted, or a gc once the draft's upload is older than
+    # the grace: close published a version whose files had no bytes, exit 0
+    url = request.getfixturevalue("s3_url") if store == "s3" else repo_url
+    files = {"x.bin": os.urandom(300_000), "s.txt": b"small\n"}
+    first = simple(url, tmp_path / "a", files, name="first")
+    draft = Dataset.create("second", "p", repo=url)
+    draft.add_files(tmp_path / "a")
+    draft.upload()
+    if remover == "delete":
+        delete(first.id, repo=url)
+    else:
+        delete(first.id, repo=url)
+        gc(repo=url, grace_seconds=0)
+    draft.finalize(auto_upload=True)
+    final = Dataset.get(draft.id, repo=url)
+    assert final.verify_dataset_hash() == []
+    out = final.get_mutable_local_copy(str(tmp_path / "copy"))
+    assert tree(out) == tree(tmp_path / "a")
+
+
+def test_finalize_without_upload_says_which_files_lost_their_bytes(tmp_path, repo_url):
+    first = simple(repo_url, tmp_path / "a", {"x.bin": os.urandom(300_000)}, name="first")
+    draft = Dataset.create("second", "p", repo=repo_url)
+    draft.add_files(tmp_path / "a")
+    draft.upload()
+    delete(first.id, repo=repo_url)
+    with pytest.raises(WrongState, match="1 file of version .* lost their stored bytes"):
+        draft.finalize()
+    draft.upload()
+    draft.finalize()
+    assert Dataset.get(draft.id, repo=repo_url).verify_dataset_hash() == []
 
 
 def test_gc_removes_orphans_only_after_grace(tmp_path, repo_url):
