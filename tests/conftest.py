@@ -11,6 +11,7 @@ fixture (monkeypatched, undone after the test) or `MotoServer.env()`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import secrets
@@ -143,6 +144,18 @@ def s3_url(s3_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
 # ---- isolation of the user's strata state ----------------------------------------------
 STRATA_ENV = ("STRATA_REPO", "STRATA_CACHE_DIR", "STRATA_CACHE_SIZE", "STRATA_CONFIG",
               "STRATA_RETRY_SECONDS")
+
+
+@contextlib.contextmanager
+def small_disk(folder, size: str) -> Iterator[None]:
+    """A tmpfs of `size` (e.g. "2m") mounted at `folder` for the block: a disk to fill."""
+    os.makedirs(folder, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                   check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
 
 
 def isolate_home(tmp_path, monkeypatch):

@@ -311,12 +311,9 @@ def test_os_error_is_one_line(run, final, tmp_path, monkeypatch):
 def test_a_full_workspace_disk_is_named_and_leaves_no_draft(run, tmp_path, monkeypatch):
     # `create` on a full disk: "No space left on device" in one line, exit 1, and no
     # empty draft database left (it said "the draft is damaged", leaving one per try)
-    import subprocess
+    from tests.conftest import small_disk
     small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)],
-                   check=True)
-    try:
+    with small_disk(small, "256k"):
         monkeypatch.setenv("XDG_DATA_HOME", str(small))
         drafts = small / "strata" / "workspace" / "drafts"
         drafts.mkdir(parents=True)
@@ -335,5 +332,3 @@ def test_a_full_workspace_disk_is_named_and_leaves_no_draft(run, tmp_path, monke
             assert len(lines) == 1 and "No space left on device" in lines[0], r.stderr
             assert "damaged" not in r.stderr
         assert os.listdir(drafts) == []
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)

@@ -19,6 +19,7 @@ import pytest
 from strata.catalog.dataset import Dataset
 from strata.vfs import mount as mount_mod
 from strata.vfs.session import overlays_dir
+from tests.conftest import small_disk
 from tests.e2e.conftest import (CHUNK, EMPTY_DIR, EXIT, READY, File, Link, WritableEnv,
                                 alive, in_proc_mounts, start_writable, strata,
                                 tree, wait_for)
@@ -321,9 +322,7 @@ def test_a_full_disk_fails_writes_and_commit_with_enospc_and_keeps_the_changes(
         build, mounts, tmp_path, monkeypatch):
     vid = build.version({"a.txt": b"a\n"})
     small = tmp_path / "small"   # the overlay and the workspace live here
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)], check=True)
-    try:
+    with small_disk(small, "2m"):
         monkeypatch.setenv("XDG_DATA_HOME", str(small))
         mnt = mounts.folder()
         start_writable(mounts, vid, build.repo_url)
@@ -345,8 +344,6 @@ def test_a_full_disk_fails_writes_and_commit_with_enospc_and_keeps_the_changes(
         assert child.parents == [vid] and "big.bin" in child.list_files()
         assert (mnt / "big.bin").read_bytes() == written
         mounts.unmount(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_changes_refused_by_a_full_journal_leave_the_overlay_whole(
@@ -356,9 +353,7 @@ def test_changes_refused_by_a_full_journal_leave_the_overlay_whole(
     # kept the row: the folder then failed with EIO, and every commit after it too.
     vid = build.version({"a.txt": b"a\n"})
     small = tmp_path / "small"
-    small.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32m", "tmpfs", str(small)], check=True)
-    try:
+    with small_disk(small, "32m"):
         monkeypatch.setenv("XDG_DATA_HOME", str(small))
         mnt = mounts.folder()
         start_writable(mounts, vid, build.repo_url)
@@ -390,8 +385,6 @@ def test_changes_refused_by_a_full_journal_leave_the_overlay_whole(
         child = Dataset.get(dataset_project="p", dataset_name="n", repo=build.repo_url)
         assert sorted(child.list_files("z/*")) == sorted(f"z/{p}" for p in shown)
         mounts.unmount(mnt)
-    finally:
-        subprocess.run(["umount", "-l", str(small)], check=True)
 
 
 def test_a_control_client_that_hangs_up_leaves_the_server_running(build, mounts):

@@ -55,6 +55,13 @@ class Env:
         self.cache.close()
 
 
+def put(fs, path: str, data: bytes) -> None:
+    """A new file in a writable filesystem, written and closed."""
+    fh = fs.create(path, 0o644)
+    fs.write(fh, 0, data)
+    fs.release(fh)
+
+
 def child_tree(env, vid, name):
     out = env.base / name
     Dataset.get(vid, repo=env.url).get_mutable_local_copy(out)
@@ -119,9 +126,7 @@ def test_writes_during_a_commit_go_to_the_next_overlay(tmp_path, monkeypatch):
     env = Env(tmp_path)
     try:
         s = env.session()
-        fh = s.fs.create("first", 0o644)
-        s.fs.write(fh, 0, b"1")
-        s.fs.release(fh)
+        put(s.fs, "first", b"1")
         from strata.vfs import session as session_mod
         real = session_mod.stage_changes
 
@@ -145,9 +150,7 @@ def test_interrupted_commit_retried_gives_exactly_one_child(tmp_path, monkeypatc
     env = Env(tmp_path)
     try:
         s = env.session()
-        fh = s.fs.create("new", 0o644)
-        s.fs.write(fh, 0, b"x" * 1000)
-        s.fs.release(fh)
+        put(s.fs, "new", b"x" * 1000)
         calls = {"n": 0}
         real = Dataset.finalize
 
@@ -181,9 +184,7 @@ def test_a_commit_cut_short_leaves_the_default_id_alone(tmp_path, monkeypatch):
     env = Env(tmp_path)
     try:
         s = env.session()
-        fh = s.fs.create("new", 0o644)
-        s.fs.write(fh, 0, b"x")
-        s.fs.release(fh)
+        put(s.fs, "new", b"x")
         before = config.last_touched(env.repo.url)
         real = Dataset.finalize
 
@@ -210,9 +211,7 @@ def test_a_folder_mode_survives_a_later_commit_of_a_file_inside(tmp_path):
         s = env.session()
         s.fs.mkdir("sec", 0o700)
         for data in (b"a\n", b"b\n"):
-            fh = s.fs.create("sec/f", 0o644)
-            s.fs.write(fh, 0, data)
-            s.fs.release(fh)
+            put(s.fs, "sec/f", data)
             child = s.commit()
             assert s.fs.getattr("sec").mode & 0o7777 == 0o700
         view = VersionView(env.repo, child.id, env.reader)

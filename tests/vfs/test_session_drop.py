@@ -3,7 +3,7 @@ or an unmount in the middle of the delete) removed when the session next starts.
 
 import time
 
-from tests.vfs.test_commit import Env
+from tests.vfs.test_commit import Env, put
 
 
 def wait_gone(path, timeout=30.0):
@@ -38,9 +38,7 @@ def test_a_leftover_generation_is_removed_at_the_next_start(tmp_path):
     env = Env(tmp_path)
     try:
         s = env.session()
-        fh = s.fs.create("kept", 0o644)
-        s.fs.write(fh, 0, b"pending")
-        s.fs.release(fh)
+        put(s.fs, "kept", b"pending")
         live = s.folder / f"g{s.state['live']}"
         leftover = s.folder / "g0"          # as a crash in the middle of a delete leaves it
         (leftover / "upper").mkdir(parents=True)
