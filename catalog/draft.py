@@ -23,6 +23,7 @@ from strata.catalog import config, layout
 from strata.catalog.blobs import Placed, Staged
 from strata.catalog.errors import DamagedDraft, UnknownVersion
 from strata.catalog.manifest import DirEntry, Entry
+from strata.storage.errors import disk_full
 
 log = logging.getLogger("strata.catalog")
 
@@ -72,9 +73,9 @@ class Draft:
             if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
                 raise
             self.db.close()
-            if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:
+            if disk_full(e):
                 if create:
-                    _remove_files(path)
+                    remove_files(version_id)
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from None
             raise DamagedDraft(version_id, path, str(e)) from None
 
@@ -224,18 +225,6 @@ def new_draft(version_id: str, **fields: Any) -> Draft:
         d.set(created=time.time(), **fields)
     except BaseException:   # a full disk: no empty draft database is left behind
         d.db.close()
-        _remove_files(d.path)
+        remove_files(d.id)
         raise
     return d
-
-
-SQLITE_FULL = 13   # sqlite3's error code of 'database or disk is full'
-
-
-def _remove_files(path) -> None:
-    """A draft database and its WAL and shared-memory files."""
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            os.unlink(f"{path}{suffix}")
-        except FileNotFoundError:
-            pass

@@ -26,7 +26,7 @@ from strata import __version__
 from strata.cli.errors import CheckFailed
 from strata.cli.options import StrataCommand, not_empty
 from strata.cli.state import State
-from strata.storage.errors import StrataError
+from strata.storage.errors import StrataError, disk_full
 
 EXIT_ERROR = 1
 EXIT_BUG = 3
@@ -41,9 +41,6 @@ COMMAND_MODULES = {
     "strata.cli.commands_control": ("status", "commit", "discard", "unmount"),
 }
 MODULE_OF = {name: module for module, names in COMMAND_MODULES.items() for name in names}
-
-
-SQLITE_FULL = 13   # sqlite3's error code of 'database or disk is full'
 
 
 def one_line(text: str) -> str:
@@ -90,7 +87,7 @@ class StrataGroup(click.Group):
             where = f": {e.filename}" if e.filename else ""
             self._fail(ctx, EXIT_ERROR, f"{e.strerror or one_line(e)}{where}")
         except Exception as e:  # a bug: say so in one line, traceback on request
-            if getattr(e, "sqlite_errorcode", None) == SQLITE_FULL:   # a local database
+            if disk_full(e):   # a local database (a draft, the cache index)
                 self._fail(ctx, EXIT_ERROR, f"No space left on device ({one_line(e)})")
             detail = one_line(f"{type(e).__name__}: {e}")
             hint = "" if _debug(ctx) else "; run with --debug for the traceback"

@@ -78,3 +78,12 @@ class InvalidKey(StorageError):
 
     def __init__(self, url: str, message: str = "invalid object key"):
         super().__init__(url, message)
+
+
+SQLITE_FULL = 13   # sqlite3.Error.sqlite_errorcode of 'database or disk is full'
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` is SQLite's 'database or disk is full' (a local database of strata's:
+    the cache index, a draft, an overlay's journal): ENOSPC in other words."""
+    return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL

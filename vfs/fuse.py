@@ -41,7 +41,7 @@ from cachetools import LRUCache
 
 from strata.catalog.errors import CatalogError, InvalidPath
 from strata.storage.errors import (Corrupt, NotFound, PermissionDenied, StorageError,
-                                   Unreachable)
+                                   Unreachable, disk_full)
 from strata.vfs import kernel as k
 from strata.vfs.core import Attr, Filesystem
 from strata.vfs.errors import (BadHandle, Exists, InvalidArgument, IsADirectory, NoAttribute, NoEntry,
@@ -88,7 +88,6 @@ QUIET = (NoEntry, NoAttribute, Exists, NotEmpty, NotPermitted, ReadOnly, NotADir
 # an OSError of the upper folder's own file system (ENOSPC, EDQUOT...) is passed on as it is
 PASSED_ON = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EMFILE, errno.ENFILE,
                        errno.EROFS, errno.ENAMETOOLONG})
-SQLITE_FULL = 13       # sqlite3.Error.sqlite_errorcode of 'database or disk is full'
 RENAME_NOREPLACE = 1   # renameat2 flags (linux/fs.h)
 UNKNOWN_INO = 0xFFFFFFFF
 BLKSIZE = 1 << 20      # st_blksize: cp, tar and Python read in 1 MiB requests
@@ -118,7 +117,7 @@ def errno_of(exc: BaseException) -> int:
             return code
     if isinstance(exc, OSError) and exc.errno in PASSED_ON:
         return exc.errno
-    if getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL:   # the overlay's journal
+    if disk_full(exc):   # the overlay's journal
         return errno.ENOSPC
     return errno.EIO
 

@@ -54,6 +54,7 @@ from strata.catalog import paths
 from strata.catalog.blobs import HashStopped, hash_file
 from strata.catalog.manifest import Entry
 from strata.storage.cache import copy_range
+from strata.storage.errors import disk_full
 from strata.vfs.errors import (Exists, InvalidArgument, IsADirectory, NotADirectory,
                                NotEmpty, NotPermitted)
 from strata.vfs.views import DIR, FILE, LINK, Node, View, folder_node, missing, moved
@@ -190,8 +191,7 @@ class Overlay:
             try:
                 self._transaction(batch)
             except sqlite3.Error as e:
-                if not frees or self._reserve_missing \
-                        or getattr(e, "sqlite_errorcode", None) != SQLITE_FULL:
+                if not frees or self._reserve_missing or not disk_full(e):
                     raise
                 self._reserve.unlink(missing_ok=True)
                 self._reserve_missing = True
@@ -795,7 +795,6 @@ class OverlayView:
         self.overlay.settled(os.path.basename(upper_file))
 
 
-SQLITE_FULL = 13          # sqlite3.Error.sqlite_errorcode of 'database or disk is full'
 RESERVE = 8 << 20         # bytes kept aside on the overlay's disk for its journal: more than its
                           # WAL grows to (1000 pages, then checkpoints reuse it)
 
