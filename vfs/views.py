@@ -200,23 +200,20 @@ class VersionView(EntryReads):
             if len(ps) == 1:
                 vid = ps[0]
                 continue
-            for p in reversed(ps):
-                key = (p, path)
-                with self._lock:
-                    hit = key in self._lookups
-                    node = self._lookups.get(key)
-                if not hit:
-                    node = self._lookup_in(p, path, frozenset(walked))
-                    with self._lock:
-                        self._lookups[key] = node
-                if node is not None:
-                    return node
-            return None
+            return self._in_parents(vid, path, walked)
 
     def _in_parents(self, vid: str, path: str, walked: set[str]) -> Node | None:
-        """`path` as the parents of `vid` show it (the last parent first)."""
+        """`path` as the parents of `vid` show it (the last parent first), each parent's
+        answer memoised."""
         for p in reversed(self._parents_of(vid)):
-            node = self._lookup_in(p, path, frozenset(walked))
+            key = (p, path)
+            with self._lock:
+                hit = key in self._lookups
+                node = self._lookups.get(key)
+            if not hit:
+                node = self._lookup_in(p, path, frozenset(walked))
+                with self._lock:
+                    self._lookups[key] = node
             if node is not None:
                 return node
         return None
