@@ -20,7 +20,7 @@ from strata.catalog.merge import merge_parents
 from strata.catalog.progress import NO_PROGRESS, Progress
 from strata.catalog.records import VersionRecord, semver_key
 from strata.catalog.repo import open_repo
-from strata.storage.errors import StorageError, Unreachable
+from strata.storage.errors import Corrupt, StorageError, Unreachable
 
 GC_GRACE_SECONDS = 3600
 
@@ -197,10 +197,12 @@ def verify(ds: Dataset, *, local_copy_path: str | None = None, skip_hash: bool =
 
 def _verify_sizes(repo, e) -> list[str]:
     if e.kind == "x":
-        from strata.storage.external import open_external
-        storage, key = open_external(e.target)
-        size = storage.stat(key).size
-        return [] if size == e.size else [f"{e.path}: link is {size} bytes, expected {e.size}"]
+        from strata.catalog.external import check_external_size
+        try:
+            check_external_size(e)
+        except Corrupt as err:
+            return [f"{e.path}: {err}"]
+        return []
     if e.pack:
         size = repo.storage.stat(layout.blob_key(e.pack)).size
         if size < e.offset + e.size:
