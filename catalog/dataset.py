@@ -558,8 +558,7 @@ class Dataset:
             n = len(gone)
             raise WrongState(f"{n} file{'s' if n != 1 else ''} of version {self.id} lost "
                              f"their stored bytes since upload (a delete or gc removed "
-                             f"them); run "
-                             f"'strata upload --id {self.id}' again")
+                             f"them); run 'strata upload --id {self.id}' again")
         self.upload(progress=progress)
         self._check_placed(d, False, progress)
 

@@ -30,9 +30,11 @@ file's generation did not move and no change was in flight while it was computed
 recorded hash always describes the file's bytes, across crashes too. `wait_hashing`
 lets a commit wait for hashes already under way rather than start them again.
 
-Concurrency: metadata operations take `_lock` (an RLock; SQLite is used only under it);
-file data is read and written through descriptors outside it. Lock order: overlay
-`_lock` before any lock of the lower view or the cache.
+Concurrency: metadata operations take `_lock` (an RLock); file data is read and written
+through descriptors outside it. Lock order: overlay `_lock` before any lock of the lower
+view or the cache. Every journal statement runs under `Overlay._db_lock`, the innermost
+lock of all, which a batch of row changes (`Overlay.changes`) holds from BEGIN to COMMIT:
+no other thread's statement falls into the transaction or is rolled back with it.
 """
 
 from __future__ import annotations
@@ -258,7 +260,7 @@ class Overlay:
         """Upper file `name` is a copy of a lower file of `size` bytes in `chunks`."""
         with self._dirty_lock:
             self._x("INSERT OR REPLACE INTO copied VALUES (?,?,?,?)",
-                            (name, size, chunk_size, chunks))
+                    (name, size, chunk_size, chunks))
             self._dirty[name] = (chunk_size, set())
 
     def note_write(self, name: str, offset: int, length: int) -> None:
@@ -273,7 +275,7 @@ class Overlay:
         with self._dirty_lock:
             new = touched - dirty
             self._xm("INSERT OR IGNORE INTO dirty VALUES (?, ?)",
-                                [(name, c) for c in sorted(new)])
+                     [(name, c) for c in sorted(new)])
             dirty |= new
 
     def untrack(self, name: str) -> None:
@@ -326,7 +328,7 @@ class Overlay:
         bytes (`size` is what the caller sees now), else None."""
         with self._hash_lock:
             row = self._x("SELECT size, sha256, chunks FROM hashed WHERE upper=?",
-                                  (name,)).fetchone()
+                          (name,)).fetchone()
         if row is None or row[0] != size:
             return None
         return row[1], row[2]
@@ -387,7 +389,7 @@ class Overlay:
             if self._gen.get(name, 0) != gen or self._inflight.get(name):
                 return   # changed meanwhile: the bytes hashed may be a mix
             self._x("INSERT OR REPLACE INTO hashed VALUES (?,?,?,?)",
-                            (name, h.size, h.sha256, h.chunks))
+                    (name, h.size, h.sha256, h.chunks))
             self._hashed.add(name)
 
     def known_chunks(self, name: str, size: int) -> dict[int, bytes] | None:
@@ -395,12 +397,11 @@ class Overlay:
         lower file's: whole chunks, in both the lower file and this one, that no write
         touched. None if the file is not a tracked copy."""
         row = self._x("SELECT size, chunk_size, chunks FROM copied WHERE upper=?",
-                              (name,)).fetchone()
+                      (name,)).fetchone()
         if row is None:
             return None
         lower_size, chunk_size, chunks = row
-        dirty = {c for (c,) in self._x("SELECT chunk FROM dirty WHERE upper=?",
-                                                (name,))}
+        dirty = {c for (c,) in self._x("SELECT chunk FROM dirty WHERE upper=?", (name,))}
         whole = min(lower_size, size) // chunk_size
         return {i: chunks[i * 32:(i + 1) * 32] for i in range(whole) if i not in dirty}
 
@@ -521,7 +522,7 @@ class OverlayView:
         """The path whose bytes this overlay keeps in `upper_file`, if any."""
         with self._lock:
             r = self.overlay._x("SELECT path FROM nodes WHERE upper=?",
-                                        (os.path.basename(upper_file),)).fetchone()
+                                (os.path.basename(upper_file),)).fetchone()
             return r[0] if r else None
 
     # ---- changes -----------------------------------------------------------------------
